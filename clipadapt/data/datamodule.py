@@ -1,0 +1,350 @@
+"""CLIPDataModule: read a CoOp-layout dataset -> few-shot draw -> base/novel subsample -> transforms -> loaders.
+
+The training classes (`classnames`), the dataset's template (`templates`) and the evaluation sets
+(`eval_sets`) are available right after `__init__`, because the CLI links them into the model when
+it instantiates it. Evaluation loaders use `UnpaddedDistributedSampler`, so under DDP every test
+image is counted exactly once (the stock DistributedSampler pads with duplicates).
+"""
+
+import logging
+import math
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms as T
+
+from clipadapt.data.fewshot import few_shot_splits, load_few_shot, read_dassl_cache, subsample_classes, subsample_labels
+from clipadapt.data.readers import Datum, class_names, dataset_dir, read_splits, resolve_dataset
+from clipadapt.data.synthetic import write_synthetic
+from clipadapt.data.templates import templates_for
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "CLIPDataModule",
+    "EvalSet",
+    "ImageList",
+    "UnpaddedDistributedSampler",
+    "summarize_dataset",
+]
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SUBSET_ENTRIES = {"all": "all", "base": "base", "novel": "novel", "new": "novel"}
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One evaluation set: log name (`test/<name>/acc`), prompt-ready classnames, its templates, its dataset."""
+
+    name: str
+    classnames: list[str]
+    templates: list[str]
+    dataset: str
+
+
+class ImageList(Dataset):
+    """(image, label) pairs from a list of `Datum`; an unreadable file raises an error naming it."""
+
+    def __init__(self, items: Sequence[Datum], transform: T.Compose) -> None:
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path, label, _ = self.items[index]
+        try:
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")  # grey and CMYK files exist in the real datasets
+        except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for broken files
+            raise RuntimeError(
+                f"cannot read image {path} ({err}); replace the file or remove it from the split"
+            ) from err
+        return self.transform(rgb), label
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Rank r gets indices r, r + W, r + 2W, ... with no padding, so each item is seen exactly once.
+
+    A DistributedSampler subclass, so Lightning keeps it instead of inserting its own (padding) one.
+    Without an initialised process group it is plain sequential order.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(self.rank, len(dataset), self.num_replicas))  # type: ignore[arg-type]
+        self.total_size = len(dataset)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def build_transform(
+    image_size: int, train: bool, crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True
+) -> T.Compose:
+    """Dassl/CoOp transforms: train RandomResizedCrop (+ flip), test Resize + CenterCrop; bicubic, CLIP normalisation."""
+    bicubic = T.InterpolationMode.BICUBIC
+    if train:
+        steps: list = [T.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=bicubic)]
+        if flip:
+            steps.append(T.RandomHorizontalFlip())
+    else:
+        steps = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def prompt_names(names: Sequence[str]) -> list[str]:
+    """Classnames as prompts use them (CoOp: underscores become spaces)."""
+    return [name.replace("_", " ") for name in names]
+
+
+class CLIPDataModule(L.LightningDataModule):
+    """Few-shot CoOp-protocol data: train/val from the k-shot draw, one test loader per evaluation set."""
+
+    def __init__(
+        self,
+        root: str = "data",
+        dataset: str = "oxford_pets",
+        num_shots: int = 16,
+        seed: int = 1,
+        subsample: str = "all",
+        eval_sets: list[str] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int = 100,
+        num_workers: int = 4,
+        image_size: int = 224,
+        train_crop_scale: tuple[float, float] = (0.08, 1.0),
+        train_flip: bool = True,
+        cache_dir: str | None = None,
+    ) -> None:
+        """
+        Args:
+            root: folder that holds the dataset folders (CoOp's $DATA).
+            dataset: snake-case or CoOp name (`oxford_pets`, `OxfordPets`, ...); `synthetic` is written if missing.
+            num_shots: images per class drawn for train (val gets min(k, 4)); <= 0 uses the full splits.
+            seed: seed of the few-shot draw (Dassl-exact; the protocol uses 1, 2, 3).
+            subsample: training classes: all | base | novel (first / second half of the sorted labels).
+            eval_sets: test sets: all | base | novel of this dataset, or other dataset names (cross-dataset,
+                ImageNet OOD: imagenet_v2, imagenet_sketch, imagenet_a, imagenet_r). Default: [subsample].
+            batch_size: training batch size.
+            eval_batch_size: batch size of the val and test loaders.
+            num_workers: data loader worker processes.
+            image_size: crop size; follows the backbone (224 for ViT-B/16, 32 for the tiny test model).
+            train_crop_scale: RandomResizedCrop scale range (Dassl (0.08, 1); CLIP-AST (0.5, 1)).
+            train_flip: random horizontal flip in training (off for CLIP-CITE).
+            cache_dir: where few-shot draws are recorded (default ~/.cache/clipadapt/fewshot).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.info = resolve_dataset(dataset)
+        if subsample not in SUBSET_ENTRIES:
+            raise ValueError(f"subsample must be one of all, base, novel, got {subsample!r}")
+        self.root = root
+        self.dataset = self.info.name
+        self.num_shots = num_shots
+        self.seed = seed
+        self.subsample = SUBSET_ENTRIES[subsample]
+        self.eval_set_names = list(eval_sets) if eval_sets is not None else [self.subsample]
+        for entry in self.eval_set_names:
+            if entry not in SUBSET_ENTRIES:
+                resolve_dataset(entry)  # fail now on a typo, not after training
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.train_crop_scale = train_crop_scale
+        self.train_flip = train_flip
+        self.cache_dir = cache_dir
+        self._data: dict | None = None
+        self._eval: list[tuple[EvalSet, list[Datum]]] | None = None
+
+    # ---- what the model needs at instantiation (lazy, cached) ----
+
+    @property
+    def classnames(self) -> list[str]:
+        """Training classes after subsampling, prompt-ready, indexed by training label."""
+        return list(self._load()["classnames"])
+
+    @property
+    def templates(self) -> list[str]:
+        """The dataset's own CoOp template(s)."""
+        return templates_for("dataset", self.dataset)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of training classes."""
+        return len(self._load()["classnames"])
+
+    @property
+    def eval_sets(self) -> list[EvalSet]:
+        """The evaluation sets, in the order of `test_dataloader()`."""
+        return [eval_set for eval_set, _ in self._load_eval()]
+
+    # ---- reading ----
+
+    def prepare_data(self) -> None:
+        """Write the synthetic dataset if it is the one asked for and is missing."""
+        self._ensure_synthetic()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read splits and draw the few-shot subsets (cached; also done lazily by the properties)."""
+        self._load()
+        if stage in (None, "test", "predict"):
+            self._load_eval()
+
+    def _ensure_synthetic(self) -> None:
+        if self.dataset == "synthetic" and not dataset_dir(self.root, self.dataset).exists():
+            path = write_synthetic(self.root, self.dataset)
+            log.info("wrote the synthetic demo dataset to %s", path)
+
+    def _load(self) -> dict:
+        if self._data is not None:
+            return self._data
+        self._ensure_synthetic()
+        splits = read_splits(self.root, self.dataset)
+        if not splits["train"]:
+            raise ValueError(
+                f"{self.info.display} is test-only (an OOD evaluation set); train on imagenet and list "
+                f"{self.dataset} in data.eval_sets"
+            )
+        names = class_names(splits)
+        folder = dataset_dir(self.root, self.dataset)
+        train, val = load_few_shot(
+            splits["train"], splits["val"], self.num_shots, self.seed, folder, self.dataset, self.cache_dir
+        )
+        # Dassl subsamples after the draw, with the classes of the few-shot train split.
+        few = {"train": train, "val": val, "test": splits["test"]}
+        kept = subsample_labels([d.label for d in train], self.subsample)
+        chosen = subsample_classes(few, self.subsample)
+        self._data = {
+            "few": few,
+            "train": chosen["train"],
+            "val": chosen["val"],
+            "names": names,
+            "classnames": prompt_names([names[label] for label in kept]),
+        }
+        return self._data
+
+    def _load_eval(self) -> list[tuple[EvalSet, list[Datum]]]:
+        if self._eval is not None:
+            return self._eval
+        data = self._load()
+        sets = []
+        for entry in self.eval_set_names:
+            if entry in SUBSET_ENTRIES:
+                mode = SUBSET_ENTRIES[entry]
+                # The base/novel classes are defined by the train split, whatever the training subsample is.
+                pair = subsample_classes({"train": data["few"]["train"], "test": data["few"]["test"]}, mode)
+                kept = subsample_labels([d.label for d in data["few"]["train"]], mode)
+                names = prompt_names([data["names"][label] for label in kept])
+                name = self.dataset if mode == "all" else mode
+                sets.append((EvalSet(name, names, self.templates, self.dataset), pair["test"]))
+            else:
+                info = resolve_dataset(entry)
+                splits = read_splits(self.root, info.name)
+                if not splits["test"]:
+                    raise ValueError(f"evaluation set {entry!r}: {info.display} has no test images")
+                templates = templates_for("dataset", info.name)
+                sets.append(
+                    (EvalSet(info.name, prompt_names(class_names(splits)), templates, info.name), splits["test"])
+                )
+        seen = [eval_set.name for eval_set, _ in sets]
+        if len(set(seen)) != len(seen):
+            raise ValueError(f"eval_sets name the same set twice: {self.eval_set_names} -> {seen}")
+        self._eval = sets
+        return sets
+
+    # ---- loaders ----
+
+    def _eval_loader(self, items: list[Datum]) -> DataLoader:
+        ds = ImageList(items, build_transform(self.image_size, train=False))
+        return DataLoader(
+            ds,
+            batch_size=self.eval_batch_size,
+            sampler=UnpaddedDistributedSampler(ds),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled k-shot train split; drop_last only when there is at least one full batch (Dassl)."""
+        items = self._load()["train"]
+        ds = ImageList(items, build_transform(self.image_size, True, self.train_crop_scale, self.train_flip))
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=len(ds) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The few-shot val split ([] where the dataset has none, e.g. ImageNet)."""
+        items = self._load()["val"]
+        return self._eval_loader(items) if items else []
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per evaluation set, in the order of `eval_sets`."""
+        return [self._eval_loader(items) for _, items in self._load_eval()]
+
+    def predict_dataloader(self) -> DataLoader:
+        """The first evaluation set."""
+        return self._eval_loader(self._load_eval()[0][1])
+
+
+def summarize_dataset(root: str | os.PathLike, dataset: str, num_shots: int = 0, seed: int = 1) -> str:
+    """A human report of a dataset on disk (`clipadapt data check`); raises the readers' clear errors."""
+    info = resolve_dataset(dataset)
+    splits = read_splits(root, info.name)
+    names = class_names(splits)
+    folder = dataset_dir(root, info.name)
+    shown = ", ".join(prompt_names(names[:5])) + (", ..." if len(names) > 5 else "")
+    lines = [
+        f"dataset:  {info.display}",
+        f"folder:   {folder}",
+        f"split:    {Path(folder, info.split_file)}",
+        f"classes:  {len(names)} ({shown})",
+    ]
+    lines += [f"{split + ':':9} {len(splits[split])} images" for split in ("train", "val", "test")]
+    if info.test_only:
+        lines.append("usage:    test-only (evaluation set)")
+    else:
+        m = math.ceil(len(names) / 2)
+        lines.append(f"base/novel classes: {m} / {len(names) - m}")
+    if num_shots > 0 and splits["train"]:
+        dassl = folder / "split_fewshot" / f"shot_{num_shots}-seed_{seed}.pkl"
+        drawn = read_dassl_cache(dassl, folder, splits["train"], splits["val"]) if dassl.is_file() else None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train, val = drawn or few_shot_splits(splits["train"], splits["val"], num_shots, seed)
+        source = f"from Dassl's cache {dassl}" if drawn else "drawn"
+        lines.append(
+            f"few-shot: {num_shots} shots (val {min(num_shots, 4)}), seed {seed}, {source}: "
+            f"train {len(train)}, val {len(val)} images"
+        )
+        lines += [f"note:     {w.message}" for w in caught]
+    return "\n".join(lines)
