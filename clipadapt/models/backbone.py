@@ -1,0 +1,321 @@
+"""CLIPBackbone: an open_clip CLIP model with its encoders written as an explicit layer loop.
+
+This is the one module in clipadapt that knows open_clip's internals. It is pinned to
+open_clip_torch==3.3.0 and reads these private seams of the native `CLIP` / `VisionTransformer`:
+`visual._embeds` and `visual._pool` (image), `open_clip.transformer.text_global_pool` (text), the
+`attn_mask` buffer, `text_pool_type` / `text_eos_id`, and each tower's `transformer.resblocks`
+(batch-first blocks called as `block(x, attn_mask=...)`). Pretrained weights are resolved through
+`open_clip.get_pretrained_cfg` / `download_pretrained` and huggingface_hub's cache.
+
+With no prompts, `encode_image` and `encode_text(..., truncate=False)` are bit-identical to
+open_clip's own `encode_image` / `encode_text` in fp32; tests/test_backbone.py guards this. Bump the
+pin only with that test green.
+
+Deliberate choices:
+- `encode_text(truncate=True)` cuts the sequence after the last EOT of the batch. The text tower is
+  causal and pools at the EOT token, so later tokens cannot change the result: equal up to float
+  rounding, and several times faster for short prompts (spec data.md §7).
+- A tag whose weights were trained with QuickGELU (`openai`, ...) forces QuickGELU even on an arch
+  without the `-quickgelu` suffix; open_clip 3.x would only warn and build GELU.
+- Weights that are not in the local cache fail within seconds when the Hub cannot be reached
+  (open_clip itself retries for ~50 s), with a message on how to provide them.
+"""
+
+import difflib
+import hashlib
+import logging
+import os
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub
+import open_clip
+import torch
+import torch.nn.functional as F
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import HfHubHTTPError
+from open_clip.transformer import text_global_pool
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 5.0  # one HEAD request decides "Hub reachable or not" before any download starts
+_HF_DEFAULT_FILENAME = "open_clip_pytorch_model.bin"  # open_clip's name when a hf_hub entry ends in "/"
+_TEXT_PARAMETER_ROOTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+
+
+class PretrainedWeightsUnavailableError(RuntimeError):
+    """Pretrained weights are neither in the local cache nor downloadable right now."""
+
+
+class CLIPBackbone(nn.Module):
+    """An open_clip CLIP (fp32) with layer-loop encoders, tokenizer and tower parameter views."""
+
+    def __init__(
+        self, arch: str = "ViT-B-16-quickgelu", pretrained: str | None = "openai", cache_dir: str | None = None
+    ) -> None:
+        """Build `arch` with weights from an open_clip tag, a local file, or None (random init)."""
+        super().__init__()
+        model_cfg = _model_config(arch)
+        kwargs: dict[str, Any] = {}
+        if pretrained:
+            kwargs = _pretrained_kwargs(arch, pretrained, model_cfg, cache_dir)
+        self.model = open_clip.create_model(arch, precision="fp32", device="cpu", cache_dir=cache_dir, **kwargs)
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        visual = self.model.visual
+        self.embed_dim: int = visual.output_dim
+        self.image_size: int = visual.image_size[0]  # native CLIP configs are square
+        self.width_image: int = visual.transformer.width
+        self.width_text: int = self.model.transformer.width
+        self.context_length: int = self.model.context_length
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        """The model's log temperature; a property so the parameter keeps one name (`model.logit_scale`)."""
+        return self.model.logit_scale
+
+    def tokenize(self, texts: list[str]) -> Tensor:
+        """Strings -> (N, 77) token ids on CPU (SOT ... EOT, zero padded)."""
+        return self.tokenizer(texts)
+
+    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
+        """(B, 3, H, W) -> (B, D); mirrors VisionTransformer.forward block by block."""
+        visual = self.model.visual
+        x = visual._embeds(images)  # (B, 1 + N, W): class token + patch tokens
+        for block in visual.transformer.resblocks:
+            x = _run_block(visual.transformer, block, x, attn_mask=None)  # (B, 1 + N, W)
+        pooled, _ = visual._pool(x)  # (B, W)
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj  # (B, D)
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    def encode_text(self, tokens: Tensor, normalize: bool = True, truncate: bool = True) -> Tensor:
+        """(N, 77) token ids -> (N, D); mirrors CLIP.encode_text, optionally cut after the last EOT."""
+        model = self.model
+        attn_mask = model.attn_mask  # (77, 77) additive causal mask, or None for bidirectional towers
+        positional = model.positional_embedding  # (77, W)
+        if truncate:
+            length = self._pooled_length(tokens)
+            if length is not None:
+                tokens, positional = tokens[:, :length], positional[:length]  # (N, L), (L, W)
+                attn_mask = attn_mask[:length, :length]  # (L, L)
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast_dtype)  # (N, L, W)
+        x = x + positional.to(cast_dtype)
+        for block in model.transformer.resblocks:
+            x = _run_block(model.transformer, block, x, attn_mask=attn_mask)  # (N, L, W)
+        x = model.ln_final(x)
+        pooled = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+        if isinstance(model.text_projection, nn.Linear):
+            pooled = model.text_projection(pooled)  # (N, D)
+        elif model.text_projection is not None:
+            pooled = pooled @ model.text_projection  # (N, D)
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    def text_features(self, classnames: list[str], templates: list[str], chunk_size: int = 1000) -> Tensor:
+        """(C, D) unit class embeddings: per template encode + normalize, average, renormalize (CLIP ensemble)."""
+        if not classnames or not templates:
+            raise ValueError("text_features needs at least one class name and one template")
+        device = self.model.positional_embedding.device
+        total = None
+        for template in templates:
+            tokens = self.tokenize([template.format(name) for name in classnames])  # (C, 77)
+            features = torch.cat(
+                [
+                    self.encode_text(chunk.to(device), normalize=True)  # (chunk, D)
+                    for chunk in tokens.split(chunk_size)
+                ]
+            )  # (C, D)
+            total = features if total is None else total + features
+        return F.normalize(total / len(templates), dim=-1)  # (C, D)
+
+    def image_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Named parameters of the image tower, named as in `model` (`visual.…`)."""
+        return self.model.visual.named_parameters(prefix="visual")
+
+    def text_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Named parameters of the text tower (embeddings, blocks, ln_final, projection), named as in `model`."""
+        for name, parameter in self.model.named_parameters():
+            if name.split(".", 1)[0] in _TEXT_PARAMETER_ROOTS:
+                yield name, parameter
+
+    def blocks(self, tower: str) -> nn.ModuleList:
+        """The residual blocks of `tower` ("image" or "text"), in order."""
+        if tower == "image":
+            return self.model.visual.transformer.resblocks
+        if tower == "text":
+            return self.model.transformer.resblocks
+        raise ValueError(f"tower must be 'image' or 'text', got {tower!r}")
+
+    def _pooled_length(self, tokens: Tensor) -> int | None:
+        """Columns needed to reach every row's pooling position, or None if the tower cannot be truncated."""
+        model = self.model
+        # Without a causal mask every position sees every other, so nothing may be cut.
+        if model.attn_mask is None:
+            return None
+        if model.text_pool_type == "argmax":
+            positions = tokens.argmax(dim=-1)  # (N,): EOT has the largest id
+        elif model.text_pool_type == "eos":
+            positions = (tokens == model.text_eos_id).int().argmax(dim=-1)  # (N,)
+        else:
+            return None
+        return int(positions.max()) + 1
+
+
+def _run_block(transformer: nn.Module, block: nn.Module, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+    """One residual block, honouring open_clip's per-tower gradient-checkpointing flag."""
+    if transformer.grad_checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, x, None, None, attn_mask, use_reentrant=False)
+    return block(x, attn_mask=attn_mask)
+
+
+def _model_config(arch: str) -> dict[str, Any]:
+    """The open_clip config of `arch`, checked to be a native CLIP with ViT towers."""
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        close = difflib.get_close_matches(arch, open_clip.list_models(), n=5, cutoff=0.5)
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        raise ValueError(
+            f"Unknown open_clip architecture {arch!r}.{hint} "
+            "See all names with `python -c 'import open_clip; print(open_clip.list_models())'`."
+        )
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    # The layer loop mirrors the native CLIP ViT only; timm/HF towers and ResNets are laid out differently.
+    if (
+        cfg.get("custom_text")
+        or "timm_model_name" in vision
+        or "hf_model_name" in text
+        or isinstance(vision.get("layers"), (list, tuple))
+    ):
+        raise ValueError(
+            f"{arch!r} is not a native open_clip CLIP ViT (timm/HF towers, ResNets and CoCa are not supported yet)"
+        )
+    return cfg
+
+
+def _pretrained_kwargs(arch: str, pretrained: str, model_cfg: dict[str, Any], cache_dir: str | None) -> dict[str, Any]:
+    """open_clip.create_model arguments that load `pretrained` (a tag or a file) from local disk."""
+    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    if tag_cfg:
+        path, torchscript = _resolve_tag(arch, pretrained, tag_cfg, cache_dir)
+        quick_gelu = tag_cfg.get("quick_gelu", False)
+        # The tag's preprocessing (mean/std/interpolation) would be lost when loading by path.
+        preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+    else:
+        if not _looks_like_path(pretrained):
+            tags = open_clip.list_pretrained_tags_by_model(arch)
+            raise ValueError(
+                f"Unknown pretrained tag {pretrained!r} for {arch!r}. Known tags: {tags or 'none'}; "
+                "or pass a local checkpoint file path."
+            )
+        path = os.path.expanduser(pretrained)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Pretrained checkpoint file not found: {path}")
+        torchscript = _is_torchscript(path)
+        quick_gelu = torchscript  # a TorchScript archive is an original OpenAI checkpoint
+        preprocess = {}
+    kwargs: dict[str, Any] = {"pretrained": path}
+    if torchscript:
+        # OpenAI's JIT archives (~/.cache/clip/*.pt) cannot be read with weights_only=True.
+        kwargs["weights_only"] = False
+    if quick_gelu and not model_cfg.get("quick_gelu", False):
+        log.info("%s weights were trained with QuickGELU: building %s with force_quick_gelu=True", pretrained, arch)
+        kwargs["force_quick_gelu"] = True
+    if preprocess:
+        kwargs["force_preprocess_cfg"] = preprocess
+    return kwargs
+
+
+def _looks_like_path(value: str) -> bool:
+    """Tags are bare identifiers; anything with a separator, `~` or a file suffix is meant as a path."""
+    return "/" in value or os.sep in value or value.startswith("~") or bool(Path(value).suffix)
+
+
+def _is_torchscript(path: str) -> bool:
+    """Whether `path` is a TorchScript archive (what OpenAI's `clip` package downloads)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def _hf_candidates(hf_hub: str) -> tuple[str, list[str]]:
+    """Hub repo id and the file names open_clip tries for it, safetensors first."""
+    repo_id, filename = os.path.split(hf_hub)
+    filename = filename or _HF_DEFAULT_FILENAME
+    names = []
+    if filename == _HF_DEFAULT_FILENAME:
+        names.append("open_clip_model.safetensors")
+    elif filename.endswith((".bin", ".pth")):
+        names.append(filename[:-4] + ".safetensors")
+    return repo_id, [*names, filename]
+
+
+def _resolve_tag(arch: str, tag: str, tag_cfg: dict[str, Any], cache_dir: str | None) -> tuple[str, bool]:
+    """Local file for an open_clip tag, downloading it only when the Hub answers; (path, is TorchScript)."""
+    hf_cache = str(cache_dir or hf_constants.HF_HUB_CACHE)
+    url_cache = os.path.expanduser(cache_dir or "~/.cache/clip")  # open_clip's directory for URL downloads
+    looked_in = []
+
+    if "file" in tag_cfg:
+        return tag_cfg["file"], False
+    repo_id, names = _hf_candidates(tag_cfg["hf_hub"]) if tag_cfg.get("hf_hub") else ("", [])
+    for name in names:
+        cached = huggingface_hub.try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
+        if isinstance(cached, str):
+            return cached, False
+    if repo_id:
+        looked_in.append(f"Hugging Face cache {hf_cache} (repo {repo_id}, files {' or '.join(names)})")
+    if tag_cfg.get("url"):
+        path = os.path.join(url_cache, os.path.basename(tag_cfg["url"]))
+        if _url_file_ok(path, tag_cfg["url"]):
+            return path, _is_torchscript(path)
+        looked_in.append(f"URL cache {path}")
+
+    def unavailable(reason: str) -> PretrainedWeightsUnavailableError:
+        return PretrainedWeightsUnavailableError(
+            f"Pretrained weights for arch={arch!r}, pretrained={tag!r} are not on this machine and could not "
+            f"be downloaded ({reason}). Looked in: {'; '.join(looked_in)}.\n"
+            "To provide them, either\n"
+            f'  - download them once on a machine with internet access, e.g. `python -c "from clipadapt.models '
+            f"import CLIPBackbone; CLIPBackbone('{arch}', '{tag}')\"`, and copy the cache folder {hf_cache} to "
+            "the same place here (or point `cache_dir` / HF_HUB_CACHE at it), or\n"
+            "  - pass a local checkpoint file as `pretrained` (a state_dict .pt/.bin/.safetensors, or OpenAI's "
+            "TorchScript ViT-B-16.pt from ~/.cache/clip)."
+        )
+
+    if not repo_id:
+        raise unavailable("the tag has no Hugging Face Hub source")
+    if huggingface_hub.is_offline_mode():
+        raise unavailable("HF_HUB_OFFLINE is set")
+    # One short HEAD request first: open_clip's own download retries unreachable hosts for ~50 s.
+    try:
+        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo_id, names[0]), timeout=PROBE_TIMEOUT_S)
+    except HfHubHTTPError:
+        pass  # the Hub answered (e.g. 404 for the safetensors name): it is reachable, let open_clip pick the file
+    except Exception as error:  # noqa: BLE001 - connection, DNS, proxy and timeout errors differ by HTTP backend
+        raise unavailable(f"Hugging Face Hub unreachable: {type(error).__name__}: {error}") from error
+    try:
+        return open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir), False
+    except Exception as error:  # noqa: BLE001 - open_clip wraps every download failure differently
+        raise unavailable(f"download failed: {type(error).__name__}: {error}") from error
+
+
+def _url_file_ok(path: str, url: str) -> bool:
+    """Whether a URL-cache file exists and matches the checksum open_clip encodes in the URL."""
+    if not os.path.isfile(path):
+        return False
+    if "openaipublic" in url:
+        expected = url.split("/")[-2]
+    elif "mlfoundations" in url:
+        expected = os.path.splitext(os.path.basename(url))[0].split("-")[-1]
+    else:
+        return True
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest().startswith(expected)
