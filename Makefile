@@ -1,0 +1,27 @@
+.PHONY: help install lint format test test-all demo bench
+
+help:      ## list targets
+	@grep -E '^[a-z-]+:.*## ' Makefile | awk 'BEGIN{FS=":.*## "}{printf "  %-9s %s\n",$$1,$$2}'
+
+install:   ## editable install with dev tools (torch + torchvision as a matching registry pair)
+	pip install -e ".[dev]"
+
+lint:      ## what CI checks: ruff lint + format check
+	ruff check clipadapt tests benchmarks
+	ruff format --check clipadapt tests benchmarks
+
+format:    ## fix what ruff can fix
+	ruff check --fix clipadapt tests benchmarks
+	ruff format clipadapt tests benchmarks
+
+test:      ## the suite CI runs: CPU, tiny model, synthetic data, < 10 min on 2 cores
+	python -m pytest -m "not gpu and not pretrained"
+
+test-all:  ## everything this machine can run (pretrained tests need CLIPADAPT_PRETRAINED_FILE)
+	python -m pytest
+
+demo:      ## offline end-to-end run: synthetic data, tiny model, TensorBoard logs + checkpoint
+	clipadapt fit --config configs/demo.yaml
+
+bench:     ## speed benchmarks on the present device (CPU here; GPU when there is one)
+	python benchmarks/text_encoder.py

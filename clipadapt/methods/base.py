@@ -1,0 +1,335 @@
+"""AdaptationModule: what every method shares.
+
+The base owns the backbone, the text classifier (built per evaluation set, cached while the text
+tower is frozen), the accuracy protocol (one top-1 accuracy per evaluation set, base/novel/HM), the
+stage schedule with an optimizer rebuild at each boundary, and the per-step learning-rate schedule.
+A method says *which* parameters train in *which* stage (`trainable`), *which* losses
+(`training_losses`), how it classifies (`classify`, `class_embeddings`) and what happens at a
+stage boundary (`on_stage_end`).
+
+Deviation from Dassl, on purpose: the warmup + cosine schedule is stepped per optimizer step
+(Dassl steps per epoch); with few-shot data an epoch is a handful of steps, so the curves differ
+only in smoothness.
+"""
+
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torchmetrics import Metric
+
+from clipadapt.data.templates import templates_for
+from clipadapt.models import CLIPBackbone
+
+
+class Stage(NamedTuple):
+    """One training stage: its name, length in epochs (-1: until max_epochs) and optional lr."""
+
+    name: str
+    epochs: int = -1
+    lr: float | None = None  # overrides the optimizer's lr in this stage
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    """HM = 2BN / (B + N), the base-to-novel summary (0 when both are 0)."""
+    return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
+
+
+class Top1(Metric):
+    """Correct and total counts, summed over ranks: exact top-1 accuracy and the number of images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("correct", torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        self.correct += (logits.argmax(-1) == labels).sum()
+        self.total += labels.numel()
+
+    def compute(self) -> Tensor:
+        """(2,) tensor: correct, total."""
+        return torch.stack([self.correct, self.total])
+
+
+class AdaptationModule(L.LightningModule):
+    """Shared plumbing for every method; subclasses override the hooks above the marked line."""
+
+    def __init__(
+        self,
+        classnames: list[str],
+        templates: list[str],
+        arch: str = "ViT-B-16-quickgelu",
+        pretrained: str | None = "openai",
+        prompts: str = "dataset",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        warmup_epochs: float = 0.0,
+        warmup: str = "constant",
+        warmup_lr: float = 1e-5,
+        schedule: str = "cosine",
+    ) -> None:
+        """
+        Args:
+            classnames: training classes, prompt-ready (linked from `data.classnames` by the CLI).
+            templates: the dataset's own prompt template(s) (linked from `data.templates`).
+            arch: open_clip model name; `clipadapt-tiny` is the bundled test model.
+            pretrained: open_clip tag (`openai`, ...), a local checkpoint file, or None (random init).
+            prompts: template set for the text classifier: dataset | simple | select7 | imagenet80 | promptsrc60.
+            optimizer: built over each stage's trainable parameters.
+            warmup_epochs: length of the warmup at the start of every stage (may be fractional).
+            warmup: `constant` (Dassl: `warmup_lr` throughout) or `linear` (0 -> lr).
+            warmup_lr: the constant warmup learning rate.
+            schedule: `cosine` (to 0 at the end of the stage) or `constant`.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if warmup not in ("constant", "linear") or schedule not in ("cosine", "constant"):
+            raise ValueError(
+                f"warmup must be constant|linear and schedule cosine|constant, got {warmup!r}, {schedule!r}"
+            )
+        templates_for(prompts, templates)  # fail now, not at the first step, on an unknown template set
+        self.clip = CLIPBackbone(arch, pretrained).requires_grad_(False)
+        self.make_optimizer = optimizer
+        self.val_acc = Top1()
+        self.test_accs = nn.ModuleList()
+        self.stage: str | None = None  # set at fit start, or restored from a checkpoint
+        self._text_cache: dict[tuple, Tensor] = {}
+
+    # ---- what a method says ----
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The training stages in order; the last one runs until `max_epochs`."""
+        return (Stage("train"),)
+
+    def trainable(self, stage: str) -> Iterable[nn.Parameter]:
+        """Parameters that train in `stage`; everything else is frozen."""
+        raise NotImplementedError(f"{type(self).__name__} has nothing to train; use `clipadapt test`")
+
+    def training_losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Named, already weighted loss terms; the base sums and logs them."""
+        return {"ce": F.cross_entropy(self(images), labels)}
+
+    def classify(self, images: Tensor, text: Tensor) -> Tensor:
+        """(B, 3, H, W), (C, D) unit class embeddings -> (B, C) logits."""
+        return self.clip.logit_scale.exp() * self.clip.encode_image(images) @ text.T
+
+    def class_embeddings(self, classnames: list[str], templates: list[str]) -> Tensor:
+        """(C, D) unit class embeddings from the text tower; cached while it is frozen."""
+        chosen = templates_for(self.hparams.prompts, templates)
+        if self._text_trainable() and torch.is_grad_enabled():
+            return self.clip.text_features(classnames, chosen)
+        key = (tuple(classnames), tuple(chosen))
+        if key not in self._text_cache:
+            with torch.no_grad():
+                self._text_cache[key] = self.clip.text_features(classnames, chosen).float()
+        return self._text_cache[key]
+
+    def on_stage_end(self, stage: str) -> None:
+        """Called at a stage boundary while the old optimizer still exists."""
+
+    def export_state_dict(self) -> dict[str, Tensor]:
+        """The adapted model as a plain open_clip state dict (`clipadapt export`)."""
+        return self.clip.model.state_dict()
+
+    def method_state(self) -> dict[str, Any]:
+        """Method state that is not a tensor of the model (e.g. a selection); saved in checkpoints."""
+        return {}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        """Restore `method_state()`; runs before the stage's parameters are chosen on resume."""
+
+    # ---- shared plumbing: methods do not override below this line ----
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, C) logits over the training classes."""
+        return self.classify(images, self.class_embeddings(self.hparams.classnames, self.hparams.templates))
+
+    def _text_trainable(self) -> bool:
+        return any(p.requires_grad for _, p in self.clip.text_parameters())
+
+    def _stage_at(self, epoch: int) -> Stage:
+        start = 0
+        for stage in self.stages:
+            if stage.epochs < 0 or epoch < start + stage.epochs:
+                return stage
+            start += stage.epochs
+        return self.stages[-1]
+
+    def _stage_bounds(self, name: str) -> tuple[int, int]:
+        """First epoch and number of epochs of stage `name` under the trainer's max_epochs."""
+        start = 0
+        for stage in self.stages:
+            epochs = stage.epochs if stage.epochs >= 0 else self.trainer.max_epochs - start
+            if stage.name == name:
+                return start, max(epochs, 1)
+            start += stage.epochs
+        raise KeyError(name)
+
+    def _apply_stage(self, name: str) -> list[nn.Parameter]:
+        params = list(dict.fromkeys(self.trainable(name)))  # de-duplicate, keep order
+        if not params:
+            raise RuntimeError(f"{type(self).__name__}: stage {name!r} has no trainable parameters")
+        self.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        self._text_cache.clear()
+        return params
+
+    def setup(self, stage: str) -> None:
+        # DDP registers only parameters that require grad when it wraps the model, which happens
+        # before configure_optimizers: the first stage's flags must already be set here.
+        if stage == "fit" and self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:
+            raise ValueError("set trainer.max_epochs: the stage and learning-rate schedules are per epoch")
+        if stage == "fit" and self.stage is None:
+            self.stage = self._stage_at(0).name
+            self._apply_stage(self.stage)
+
+    def on_train_epoch_start(self) -> None:
+        stage = self._stage_at(self.current_epoch).name
+        if stage == self.stage:
+            return
+        rank_zero_info(f"clipadapt: stage {self.stage!r} -> {stage!r} at epoch {self.current_epoch}")
+        self.on_stage_end(self.stage)
+        self.stage = stage
+        strategy = self.trainer.strategy
+        self._apply_stage(stage)
+        if isinstance(strategy.model, DistributedDataParallel):
+            # The reducer only knows the parameters that required grad when it was built.
+            strategy.model = strategy._setup_model(self)
+            strategy._register_ddp_hooks()
+        strategy.setup_optimizers(self.trainer)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        self.stage = self.stage or self._stage_at(self.current_epoch).name
+        params = self._apply_stage(self.stage)
+        optimizer = self.make_optimizer(params)
+        stage = next(s for s in self.stages if s.name == self.stage)
+        if stage.lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = stage.lr
+        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
+        _, epochs = self._stage_bounds(self.stage)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor(optimizer, steps_per_epoch, epochs))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _lr_factor(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int):
+        base_lr = optimizer.param_groups[0]["lr"]
+        warm = int(round(self.hparams.warmup_epochs * steps_per_epoch))
+        total = max(epochs * steps_per_epoch, warm + 1)
+        constant_warmup = self.hparams.warmup == "constant"
+        cosine = self.hparams.schedule == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return self.hparams.warmup_lr / base_lr if constant_warmup else (step + 1) / warm
+            if not cosine:
+                return 1.0
+            return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / (total - warm)))
+
+        return factor
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        losses = self.training_losses(images, labels)
+        loss = sum(losses.values())
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(labels))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def on_train_start(self) -> None:
+        if self.logger is not None:
+            trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+            self.logger.log_metrics({"train/trainable_params": trainable}, step=self.global_step)
+
+    def _check_image_size(self, images: Tensor) -> None:
+        if images.shape[-1] != self.clip.image_size:
+            raise ValueError(
+                f"images are {images.shape[-1]} px but {self.hparams.arch} expects {self.clip.image_size} px: "
+                f"set data.image_size={self.clip.image_size}"
+            )
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        self._check_image_size(images)
+        self.val_acc.update(self(images), labels)
+
+    def on_validation_epoch_start(self) -> None:
+        if self._text_trainable():
+            self._text_cache.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        correct, total = self.val_acc.compute().tolist()
+        if total:  # sanity checks may see no batch at all
+            self.log("val/acc", 100 * correct / total, prog_bar=True)
+        self.val_acc.reset()
+
+    def _eval_sets(self) -> list:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "eval_sets"):
+            raise RuntimeError("evaluation needs a CLIPDataModule: it names the test sets and their classes")
+        return datamodule.eval_sets
+
+    def on_test_epoch_start(self) -> None:
+        self._text_cache.clear()  # weights may have changed since the last evaluation
+        self.test_accs = nn.ModuleList(Top1() for _ in self._eval_sets()).to(self.device)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        self._check_image_size(images)
+        eval_set = self._eval_sets()[dataloader_idx]
+        logits = self.classify(images, self.class_embeddings(eval_set.classnames, eval_set.templates))
+        self.test_accs[dataloader_idx].update(logits, labels)
+
+    def on_test_epoch_end(self) -> None:
+        # compute() all-reduces the counts, and the evaluation sampler never pads: exact under DDP.
+        accs, metrics = {}, {}
+        for eval_set, metric in zip(self._eval_sets(), self.test_accs, strict=True):
+            correct, total = metric.compute().tolist()
+            accs[eval_set.name] = 100 * correct / max(total, 1)
+            metrics[f"test/{eval_set.name}/acc"] = accs[eval_set.name]
+            metrics[f"test/{eval_set.name}/count"] = total
+        if "base" in accs and "novel" in accs:
+            metrics["test/hm"] = harmonic_mean(accs["base"], accs["novel"])
+        for key, value in metrics.items():
+            self.log(key, value, add_dataloader_idx=False)
+        self._write_metrics(metrics)
+
+    def _write_metrics(self, metrics: dict[str, float]) -> None:
+        log_dir = self.trainer.log_dir  # a collective call under DDP: every rank asks, rank 0 writes
+        if log_dir is not None and self.trainer.is_global_zero:
+            os.makedirs(log_dir, exist_ok=True)
+            with open(os.path.join(log_dir, "test_metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Predicted class index over the first evaluation set."""
+        eval_set = self._eval_sets()[0]
+        return self.classify(batch[0], self.class_embeddings(eval_set.classnames, eval_set.templates)).argmax(-1)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        method = f"{type(self).__module__}.{type(self).__qualname__}"  # lets `clipadapt export` rebuild it
+        checkpoint["clipadapt"] = {"stage": self.stage, "method": self.method_state(), "class_path": method}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before DDP wraps the model and before the optimizers are built on resume, so both
+        # see the restored stage's trainable set and its optimizer state loads without mismatch.
+        state = checkpoint.get("clipadapt", {})
+        self.load_method_state(state.get("method", {}))
+        self.stage = state.get("stage")
+        if self.stage is not None and self._trainer is not None and self._trainer.training:
+            self._apply_stage(self.stage)
+        self._text_cache.clear()
+
+    def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Parameters that currently require grad, with their names."""
+        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)

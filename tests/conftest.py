@@ -1,0 +1,58 @@
+"""Shared fixtures: a synthetic CoOp-layout root and a quiet CPU trainer factory."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from clipadapt.data import CLIPDataModule, write_synthetic
+
+TINY = {"arch": "clipadapt-tiny", "pretrained": None}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One synthetic root, shared by the session; datasets are added by `write_synthetic` on demand."""
+    root = tmp_path_factory.mktemp("data")
+    write_synthetic(root, "oxford_pets")
+    return root
+
+
+@pytest.fixture
+def tiny_data(data_root: Path, tmp_path: Path) -> CLIPDataModule:
+    """oxford_pets layout, 6 classes x 2 shots, 32 px images, base+novel evaluation."""
+    return CLIPDataModule(
+        root=str(data_root),
+        dataset="oxford_pets",
+        num_shots=2,
+        image_size=32,
+        batch_size=4,
+        eval_batch_size=8,
+        num_workers=0,
+        cache_dir=str(tmp_path / "cache"),
+    )
+
+
+@pytest.fixture
+def cpu_trainer(tmp_path: Path) -> Callable[..., L.Trainer]:
+    def make(**overrides) -> L.Trainer:
+        defaults = dict(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            num_sanity_val_steps=0,
+        )
+        return L.Trainer(**(defaults | overrides))
+
+    return make

@@ -1,0 +1,132 @@
+"""The shared base and the two baselines: zero-shot logits, frozen towers, stages, schedule, resume."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY
+from doubles import TwoStage
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from clipadapt.data import CLIPDataModule
+from clipadapt.methods import LinearProbe, ZeroShotCLIP
+from clipadapt.methods.base import harmonic_mean
+
+
+def build(cls: type, data: CLIPDataModule, **kwargs) -> torch.nn.Module:
+    return cls(classnames=data.classnames, templates=data.templates, **TINY, **kwargs).eval()
+
+
+def images(n: int = 3) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32)
+
+
+def test_zero_shot_logits_equal_open_clip(tiny_data):
+    model = build(ZeroShotCLIP, tiny_data)
+    x = images()
+    clip = model.clip.model
+    prompts = [tiny_data.templates[0].format(c) for c in tiny_data.classnames]
+    with torch.no_grad():
+        text = F.normalize(clip.encode_text(model.clip.tokenize(prompts)), dim=-1)
+        expected = clip.logit_scale.exp() * F.normalize(clip.encode_image(x), dim=-1) @ text.T
+        got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_text_head_is_cached_while_the_text_tower_is_frozen(tiny_data):
+    model = build(ZeroShotCLIP, tiny_data)
+    first = model.class_embeddings(tiny_data.classnames, tiny_data.templates)
+    assert model.class_embeddings(tiny_data.classnames, tiny_data.templates) is first
+
+
+def test_zero_shot_has_nothing_to_fit(tiny_data, cpu_trainer):
+    with pytest.raises(NotImplementedError, match="clipadapt test"):
+        cpu_trainer(max_epochs=1).fit(build(ZeroShotCLIP, tiny_data), tiny_data)
+
+
+def test_prompt_ensemble_is_validated(tiny_data):
+    with pytest.raises(ValueError, match="select7"):
+        build(ZeroShotCLIP, tiny_data, prompts="no-such-set")
+
+
+def test_linear_probe_starts_at_zero_shot_and_trains_only_its_head(tiny_data, cpu_trainer):
+    probe = build(LinearProbe, tiny_data, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    zero = build(ZeroShotCLIP, tiny_data)
+    zero.load_state_dict(probe.state_dict(), strict=False)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(probe(x), zero(x))
+    before = {n: p.detach().clone() for n, p in probe.named_parameters()}
+
+    cpu_trainer(max_epochs=2).fit(probe, tiny_data)
+
+    moved = {n for n, p in probe.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"head"}
+
+
+def test_test_logs_every_eval_set_and_hm(data_root, tmp_path, cpu_trainer):
+    data = CLIPDataModule(
+        root=str(data_root),
+        dataset="oxford_pets",
+        num_shots=2,
+        subsample="base",
+        eval_sets=["base", "novel"],
+        image_size=32,
+        eval_batch_size=5,
+        num_workers=0,
+        cache_dir=str(tmp_path),
+    )
+    model = build(ZeroShotCLIP, data)
+    results = cpu_trainer().test(model, data, verbose=False)[0]  # one dict per loader, epoch-end keys in each
+    base, novel = results["test/base/acc"], results["test/novel/acc"]
+    assert results["test/hm"] == pytest.approx(harmonic_mean(base, novel))
+    sizes = {s.name: len(s.classnames) for s in data.eval_sets}
+    assert sizes == {"base": 3, "novel": 3}
+    loaders = data.test_dataloader()
+    assert results["test/base/count"] == len(loaders[0].dataset)
+    assert results["test/novel/count"] == len(loaders[1].dataset)
+
+
+def test_harmonic_mean_by_hand():
+    assert harmonic_mean(80.0, 60.0) == pytest.approx(2 * 80 * 60 / 140)
+    assert harmonic_mean(0.0, 0.0) == 0.0
+
+
+def test_stage_switch_rebuilds_the_optimizer_and_resume_keeps_the_stage(tiny_data, cpu_trainer, tmp_path: Path):
+    model = build(TwoStage, tiny_data, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    text_before = {n: p.detach().clone() for n, p in model.clip.text_parameters()}
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    trainer = cpu_trainer(max_epochs=2, enable_checkpointing=True, callbacks=[ckpt])
+    trainer.fit(model, tiny_data)
+
+    assert model.stage == "all"
+    (optimizer,) = trainer.optimizers
+    n_params = 1 + len(list(model.clip.image_parameters()))
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == n_params
+    assert all(torch.equal(p, text_before[n]) for n, p in model.clip.text_parameters())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert saved["clipadapt"]["stage"] == "all"
+
+    resumed = build(TwoStage, tiny_data, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    trainer = cpu_trainer(max_epochs=3)
+    trainer.fit(resumed, tiny_data, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.stage == "all"
+    assert sum(len(g["params"]) for g in trainer.optimizers[0].param_groups) == n_params
+
+
+def test_warmup_then_cosine_by_hand(tiny_data, cpu_trainer):
+    model = build(
+        LinearProbe,
+        tiny_data,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        warmup_epochs=1,
+        warmup="constant",
+        warmup_lr=1e-5,
+    )
+    factor = model._lr_factor(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), steps_per_epoch=2, epochs=3)
+    # 2 warmup steps at 1e-5, then cosine over the remaining 4 steps from 0.1 towards 0
+    expected = [1e-4, 1e-4, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]
+    assert [factor(s) for s in range(6)] == pytest.approx(expected)
