@@ -4,26 +4,32 @@
     clipadapt test --config configs/zeroshot.yaml --data.root DATA --data.dataset eurosat
     clipadapt data check --root DATA --dataset oxford_pets --num-shots 16 --seed 1
     clipadapt export --ckpt lightning_logs/version_0/checkpoints/last.ckpt --out tuned.pt
+    clipadapt sweep --config configs/ast_fewshot.yaml --datasets oxford_pets dtd --shots 1 16 --seeds 1 2 3 --data.root DATA
+    clipadapt report runs
 
 fit / validate / test / predict are LightningCLI subcommands (the method is the config's
-`model.class_path`); `data` and `export` are ours. `fit` ends with the protocol's test of the last-epoch weights
+`model.class_path`); `data`, `export`, `sweep` and `report` are ours. `fit` ends with the protocol's test of the last-epoch weights
 (as Dassl's train.py does) unless `--test_after_fit false`. The global seed defaults to
 `data.seed`, so `--data.seed 2` changes the few-shot draw and the training randomness together.
 """
 
 import argparse
 import importlib
+import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import open_clip
 import torch
 from lightning.pytorch import seed_everything
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from clipadapt import experiments
 from clipadapt.data import CLIPDataModule
 from clipadapt.data.datamodule import summarize_dataset
 from clipadapt.methods import AdaptationModule
+from clipadapt.models.backbone import PretrainedWeightsUnavailableError, check_weights
 
 
 class ClipAdaptCLI(LightningCLI):
@@ -40,6 +46,16 @@ class ClipAdaptCLI(LightningCLI):
             seed = self._get(self.config, "data.seed")
             seed_everything(seed, workers=True)
             self.config[self.subcommand]["seed_everything"] = seed
+
+    def instantiate_classes(self) -> None:
+        # Bad input (unknown model or dataset, missing files, weights unavailable offline) ends in
+        # one line that says what to fix, not in a traceback from deep inside jsonargparse.
+        try:
+            model = self._get(self.config, "model.init_args")
+            check_weights(model.arch, model.pretrained)
+            super().instantiate_classes()
+        except (FileNotFoundError, ValueError, PretrainedWeightsUnavailableError) as err:
+            sys.exit(f"clipadapt: error: {err}")
 
     def after_fit(self) -> None:
         if self._get(self.config, "test_after_fit"):
@@ -82,6 +98,7 @@ def export_main(argv: Sequence[str]) -> None:
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_") and k != "optimizer"}
     tag = hparams.get("pretrained")
     module = method(**(hparams | {"pretrained": None}))
+    module.on_load_checkpoint(checkpoint)  # method state (e.g. a selection) before the weights
     module.load_state_dict(checkpoint["state_dict"])
     torch.save(module.export_state_dict(), args.out)
 
@@ -94,7 +111,100 @@ def export_main(argv: Sequence[str]) -> None:
         print("(a clipadapt test arch: `import clipadapt.models` first, it registers the config with open_clip)")
 
 
-COMMANDS = {"data": data_main, "export": export_main}
+def sweep_main(argv: Sequence[str]) -> None:
+    """`clipadapt sweep`: one config over datasets x shots x seeds (x grid); resumable, local or one job per run."""
+    parser = argparse.ArgumentParser(
+        prog="clipadapt sweep",
+        allow_abbrev=False,
+        description="Run `clipadapt fit` for every dataset x shots x seed (x --grid value) into "
+        "OUT/<method>/<protocol>/<dataset>/shots_<K>/seed_<S>/, skipping finished runs (test_metrics.json exists). "
+        "Any other argument (e.g. --data.root DATA, --trainer.max_epochs 5) is passed to every run.",
+    )
+    parser.add_argument("--config", action="append", required=True, help="config file(s), as for `clipadapt fit`")
+    parser.add_argument("--datasets", nargs="+", help="dataset names (default: the config's data.dataset)")
+    parser.add_argument("--shots", nargs="+", type=int, help="shot counts (default: the config's data.num_shots)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds (default: 1 2 3)")
+    parser.add_argument("--grid", action="append", default=[], help="KEY=V1,V2,... e.g. model.init_args.top_k=2,4")
+    parser.add_argument("--out", default="runs", help="root of the run folders (default: runs)")
+    parser.add_argument("--method", help="method folder name (default: the model class, lower case)")
+    parser.add_argument("--protocol", help="protocol folder name (default: fewshot | base2novel | ood from data.*)")
+    parser.add_argument("--jobs", help="write one job script per unfinished run into this folder instead of running")
+    parser.add_argument("--job-header", help="file whose text heads each job script (e.g. scripts/slurm/header.sh)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    args, extra = parser.parse_known_args(argv)
+    try:
+        config = experiments.merged_config(args.config, extra)
+        grid = experiments.parse_grid(args.grid)
+    except (OSError, ValueError) as err:
+        sys.exit(f"clipadapt sweep: {err}")
+    data = config.get("data", {})
+    runs = experiments.expand(
+        args.method or experiments.method_name(config),
+        args.protocol or experiments.protocol_name(data),
+        args.datasets or [data.get("dataset", "oxford_pets")],
+        args.shots or [int(data.get("num_shots", 16))],
+        args.seeds,
+        grid,
+    )
+    header = open(args.job_header).read() if args.job_header else ""
+    todo = [run for run in runs if not experiments.is_finished(Path(args.out) / run.relpath())]
+    print(f"clipadapt sweep: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run")
+    failed = []
+    for i, run in enumerate(todo, 1):
+        run_dir = Path(args.out) / run.relpath()
+        fit = experiments.fit_args(run, run_dir, args.config, extra)
+        if args.dry_run:
+            print(f"  todo {run_dir}")
+        elif args.jobs:
+            job = Path(args.jobs) / ("__".join(run.relpath().parts) + ".sh")
+            job.parent.mkdir(parents=True, exist_ok=True)
+            job.write_text(experiments.job_script(fit, header))
+            print(f"  wrote {job}")
+        else:
+            print(f"[{i}/{len(todo)}] {run_dir}", flush=True)
+            if run_dir.exists():  # an interrupted attempt: start it over, stale checkpoints and events included
+                shutil.rmtree(run_dir)
+            # LightningCLI warns when both `args` and sys.argv hold arguments: hide the sweep's own.
+            argv0, sys.argv = sys.argv, sys.argv[:1]
+            try:
+                main(fit)
+            except Exception as err:  # one broken point must not stop a 165-run sweep; reported below
+                failed.append(run_dir)
+                print(f"  FAILED {run_dir}: {type(err).__name__}: {err}", file=sys.stderr)
+            finally:
+                sys.argv = argv0
+    if args.jobs and todo:
+        print(f'submit with: for f in {args.jobs}/*.sh; do sbatch "$f"; done')
+    if failed:
+        sys.exit(f"clipadapt sweep: {len(failed)} run(s) failed: " + ", ".join(map(str, failed)))
+
+
+def report_main(argv: Sequence[str]) -> None:
+    """`clipadapt report`: the papers' tables (mean ± std over seeds) from finished run folders."""
+    parser = argparse.ArgumentParser(
+        prog="clipadapt report",
+        description="Read every run folder under RUNS (config.yaml + test_metrics.json; nothing is re-run) and "
+        "print the few-shot, base-to-novel and ImageNet OOD tables; also write report.md and one CSV per table.",
+    )
+    parser.add_argument("runs", nargs="?", default="runs", help="root of the run folders (default: runs)")
+    parser.add_argument("--out", help="folder for report.md and the CSVs (default: RUNS)")
+    args = parser.parse_args(argv)
+    results = experiments.read_results(Path(args.runs))
+    if not results:
+        sys.exit(f"clipadapt report: no finished run (test_metrics.json) under {args.runs}")
+    out = Path(args.out or args.runs)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = []
+    for table in experiments.tables(results):
+        markdown.append(experiments.to_markdown(table))
+        (out / f"{experiments.table_slug(table)}.csv").write_text(experiments.to_csv(table))
+    text = "\n".join(markdown)
+    (out / "report.md").write_text(text)
+    print(text)
+    print(f"{len(results)} runs; wrote {out / 'report.md'} and {len(markdown)} CSV file(s)")
+
+
+COMMANDS = {"data": data_main, "export": export_main, "sweep": sweep_main, "report": report_main}
 
 
 def main(args: ArgsType = None) -> None:
@@ -110,7 +220,7 @@ def main(args: ArgsType = None) -> None:
         auto_configure_optimizers=False,  # methods build their optimizer per stage
         seed_everything_default=False,  # replaced by data.seed in before_instantiate_classes
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        args=args,  # None: LightningCLI reads sys.argv itself
     )
 
 

@@ -1,6 +1,8 @@
 """Every shipped config runs through the real CLI on the tiny model; bad input fails clearly."""
 
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -53,11 +55,46 @@ def test_unknown_config_key_is_named(tmp_path: Path, capsys):
 
 
 def test_unknown_dataset_lists_the_valid_names(tmp_path: Path):
-    with pytest.raises(ValueError, match="oxford_pets"):
+    with pytest.raises(SystemExit, match="oxford_pets"):
         main(
             ["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--data.dataset", "petz"]
             + ["--data.root", str(tmp_path), "--trainer.default_root_dir", str(tmp_path)]
         )
+
+
+def test_missing_split_file_names_it(tmp_path: Path):
+    (tmp_path / "dtd").mkdir()
+    with pytest.raises(SystemExit, match="split_zhou_DescribableTextures.json"):
+        main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "configs" / "demo.yaml"),
+                "--data.dataset",
+                "dtd",
+                "--data.root",
+                str(tmp_path),
+            ]
+        )
+
+
+def test_weights_unavailable_offline_fail_fast_with_the_fix(tmp_path: Path):
+    write_synthetic(tmp_path / "data", "oxford_pets")
+    start = time.monotonic()
+    run = subprocess.run(
+        ["clipadapt", "test", "--config", str(REPO / "configs" / "zeroshot.yaml")]
+        + ["--data.root", str(tmp_path / "data"), "--trainer.accelerator", "cpu"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        # a port nothing listens on: no download can happen, even on a machine with internet
+        env=os.environ | {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")},
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "clipadapt: error:" in run.stderr and "local checkpoint file" in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_data_check_prints_classes_and_counts(data_root: Path, tmp_path: Path, capsys):

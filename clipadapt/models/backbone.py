@@ -7,6 +7,11 @@ open_clip_torch==3.3.0 and reads these private seams of the native `CLIP` / `Vis
 (batch-first blocks called as `block(x, attn_mask=...)`). Pretrained weights are resolved through
 `open_clip.get_pretrained_cfg` / `download_pretrained` and huggingface_hub's cache.
 
+Prompts enter only through `prompts=` of the encoders (an object with `kv_tokens(tower, layer)`,
+e.g. `clipadapt.models.prompts.MaskedPrompts`): a block with prompts runs its attention with queries
+from the real tokens and keys/values from LN1([P ; x]) (`_prompted_block`); a block without any
+takes the unchanged path below.
+
 With no prompts, `encode_image` and `encode_text(..., truncate=False)` are bit-identical to
 open_clip's own `encode_image` / `encode_text` in fp32; tests/test_backbone.py guards this. Bump the
 pin only with that test green.
@@ -28,7 +33,7 @@ import os
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import huggingface_hub
 import open_clip
@@ -45,6 +50,14 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 5.0  # one HEAD request decides "Hub reachable or not" before any download starts
 _HF_DEFAULT_FILENAME = "open_clip_pytorch_model.bin"  # open_clip's name when a hf_hub entry ends in "/"
 _TEXT_PARAMETER_ROOTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+
+
+class KVPrompts(Protocol):
+    """What the encoders need from prompts: a tower's live K/V tokens at one block, or None for none."""
+
+    def kv_tokens(self, tower: str, layer: int) -> Tensor | None:
+        """(P, W) extra key/value tokens of `tower` ("image" | "text") at block `layer`; None when none are live."""
+        ...
 
 
 class PretrainedWeightsUnavailableError(RuntimeError):
@@ -81,19 +94,25 @@ class CLIPBackbone(nn.Module):
         """Strings -> (N, 77) token ids on CPU (SOT ... EOT, zero padded)."""
         return self.tokenizer(texts)
 
-    def encode_image(self, images: Tensor, normalize: bool = True) -> Tensor:
-        """(B, 3, H, W) -> (B, D); mirrors VisionTransformer.forward block by block."""
+    def encode_image(self, images: Tensor, normalize: bool = True, prompts: KVPrompts | None = None) -> Tensor:
+        """(B, 3, H, W) -> (B, D); mirrors VisionTransformer.forward block by block; optional K/V prompts."""
         visual = self.model.visual
         x = visual._embeds(images)  # (B, 1 + N, W): class token + patch tokens
-        for block in visual.transformer.resblocks:
-            x = _run_block(visual.transformer, block, x, attn_mask=None)  # (B, 1 + N, W)
+        for index, block in enumerate(visual.transformer.resblocks):
+            tokens = prompts.kv_tokens("image", index) if prompts is not None else None
+            if tokens is None:
+                x = _run_block(visual.transformer, block, x, attn_mask=None)  # (B, 1 + N, W)
+            else:
+                x = _run_prompted_block(visual.transformer, block, x, tokens, attn_mask=None)  # (B, 1 + N, W)
         pooled, _ = visual._pool(x)  # (B, W)
         if visual.proj is not None:
             pooled = pooled @ visual.proj  # (B, D)
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
-    def encode_text(self, tokens: Tensor, normalize: bool = True, truncate: bool = True) -> Tensor:
-        """(N, 77) token ids -> (N, D); mirrors CLIP.encode_text, optionally cut after the last EOT."""
+    def encode_text(
+        self, tokens: Tensor, normalize: bool = True, truncate: bool = True, prompts: KVPrompts | None = None
+    ) -> Tensor:
+        """(N, 77) token ids -> (N, D); mirrors CLIP.encode_text, optionally cut after the last EOT and prompted."""
         model = self.model
         attn_mask = model.attn_mask  # (77, 77) additive causal mask, or None for bidirectional towers
         positional = model.positional_embedding  # (77, W)
@@ -105,8 +124,12 @@ class CLIPBackbone(nn.Module):
         cast_dtype = model.transformer.get_cast_dtype()
         x = model.token_embedding(tokens).to(cast_dtype)  # (N, L, W)
         x = x + positional.to(cast_dtype)
-        for block in model.transformer.resblocks:
-            x = _run_block(model.transformer, block, x, attn_mask=attn_mask)  # (N, L, W)
+        for index, block in enumerate(model.transformer.resblocks):
+            kv = prompts.kv_tokens("text", index) if prompts is not None else None
+            if kv is None:
+                x = _run_block(model.transformer, block, x, attn_mask=attn_mask)  # (N, L, W)
+            else:
+                x = _run_prompted_block(model.transformer, block, x, kv, attn_mask=attn_mask)  # (N, L, W)
         x = model.ln_final(x)
         pooled = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
         if isinstance(model.text_projection, nn.Linear):
@@ -115,7 +138,9 @@ class CLIPBackbone(nn.Module):
             pooled = pooled @ model.text_projection  # (N, D)
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
-    def text_features(self, classnames: list[str], templates: list[str], chunk_size: int = 1000) -> Tensor:
+    def text_features(
+        self, classnames: list[str], templates: list[str], chunk_size: int = 1000, prompts: KVPrompts | None = None
+    ) -> Tensor:
         """(C, D) unit class embeddings: per template encode + normalize, average, renormalize (CLIP ensemble)."""
         if not classnames or not templates:
             raise ValueError("text_features needs at least one class name and one template")
@@ -125,7 +150,7 @@ class CLIPBackbone(nn.Module):
             tokens = self.tokenize([template.format(name) for name in classnames])  # (C, 77)
             features = torch.cat(
                 [
-                    self.encode_text(chunk.to(device), normalize=True)  # (chunk, D)
+                    self.encode_text(chunk.to(device), normalize=True, prompts=prompts)  # (chunk, D)
                     for chunk in tokens.split(chunk_size)
                 ]
             )  # (C, D)
@@ -170,6 +195,41 @@ def _run_block(transformer: nn.Module, block: nn.Module, x: Tensor, attn_mask: T
     if transformer.grad_checkpointing and torch.is_grad_enabled():
         return checkpoint(block, x, None, None, attn_mask, use_reentrant=False)
     return block(x, attn_mask=attn_mask)
+
+
+def _run_prompted_block(
+    transformer: nn.Module, block: nn.Module, x: Tensor, prompts: Tensor, attn_mask: Tensor | None
+) -> Tensor:
+    """`_run_block` with P extra key/value tokens; checkpointed like the plain block when the tower asks."""
+    if transformer.grad_checkpointing and torch.is_grad_enabled():
+        return checkpoint(_prompted_block, block, x, prompts, attn_mask, use_reentrant=False)
+    return _prompted_block(block, x, prompts, attn_mask)
+
+
+def _prompted_block(block: nn.Module, x: Tensor, prompts: Tensor, attn_mask: Tensor | None) -> Tensor:
+    """ResidualAttentionBlock.forward with keys/values from LN1([P ; x]) and queries from LN1(x) only.
+
+    The output keeps the input length (prompts are not propagated). With a causal `attn_mask` (text)
+    the mask becomes [zeros(L, P) | causal(L, L)]: every query sees every prompt and no later real
+    token, so causality and the EOT truncation stay exact. For K/V the token order is irrelevant, so
+    the prompts are simply put first in both towers.
+    """
+    q = block.ln_1(x)  # (B, L, W)
+    p = block.ln_1(prompts.to(x.dtype))  # (P, W): LN is per token, so the batch can share it
+    kv = torch.cat([p.unsqueeze(0).expand(x.shape[0], -1, -1), q], dim=1)  # (B, P + L, W)
+    if attn_mask is not None:
+        attn_mask = attn_mask.to(q.dtype)
+        attn_mask = torch.cat([attn_mask.new_zeros(attn_mask.shape[0], p.shape[0]), attn_mask], dim=1)  # (L, P + L)
+    out = block.attn(q, kv, kv, need_weights=False, attn_mask=attn_mask)[0]  # (B, L, W)
+    x = x + block.ls_1(out)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def check_weights(arch: str, pretrained: str | None, cache_dir: str | None = None) -> None:
+    """Fail now, with the fix in the message, if `arch` or its weights cannot be had (downloads if needed)."""
+    model_cfg = _model_config(arch)
+    if pretrained:
+        _pretrained_kwargs(arch, pretrained, model_cfg, cache_dir)
 
 
 def _model_config(arch: str) -> dict[str, Any]:
