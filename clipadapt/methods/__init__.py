@@ -1,8 +1,13 @@
 """Every method, importable by class path (`clipadapt.methods.<Name>`) from a config."""
 
 from clipadapt.methods.base import AdaptationModule, Stage
+from clipadapt.methods.cite import CLIPCITE
+from clipadapt.methods.clip_ast import CLIPAST
+from clipadapt.methods.rada import RAda
 from clipadapt.methods.zeroshot import LinearProbe, ZeroShotCLIP
 
-METHODS: dict[str, type[AdaptationModule]] = {m.__name__: m for m in (ZeroShotCLIP, LinearProbe)}
+METHODS: dict[str, type[AdaptationModule]] = {
+    m.__name__: m for m in (ZeroShotCLIP, LinearProbe, CLIPAST, RAda, CLIPCITE)
+}
 
-__all__ = ["METHODS", "AdaptationModule", "LinearProbe", "Stage", "ZeroShotCLIP"]
+__all__ = ["CLIPAST", "CLIPCITE", "METHODS", "AdaptationModule", "LinearProbe", "RAda", "Stage", "ZeroShotCLIP"]
