@@ -15,7 +15,7 @@ only in smoothness.
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import lightning as L
@@ -222,7 +222,7 @@ class AdaptationModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor(optimizer, steps_per_epoch, epochs))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _lr_factor(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int):
+    def _lr_factor(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
         base_lr = optimizer.param_groups[0]["lr"]
         warm = int(round(self.hparams.warmup_epochs * steps_per_epoch))
         total = max(epochs * steps_per_epoch, warm + 1)
@@ -329,7 +329,3 @@ class AdaptationModule(L.LightningModule):
         if self.stage is not None and self._trainer is not None and self._trainer.training:
             self._apply_stage(self.stage)
         self._text_cache.clear()
-
-    def named_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """Parameters that currently require grad, with their names."""
-        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
