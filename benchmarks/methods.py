@@ -18,6 +18,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from clipadapt.methods.adapt import Adapt
 from clipadapt.methods.cite import CLIPCITE
 from clipadapt.methods.clip_ast import CLIPAST
 from clipadapt.methods.rada import RAda
@@ -212,7 +213,88 @@ def bench_cite(args: argparse.Namespace, device: torch.device) -> None:
     print(f"weight ensemble  : {ensemble_s:9.3f} s once at the end of fit (θ_zs of the text tower copied from CPU)")
 
 
+def bench_adapt(args: argparse.Namespace, device: torch.device) -> None:
+    """Adapt: training step with T_target=128 live K/V prompt tokens vs all 384 vs no prompts; evaluation cost."""
+    classnames = [f"class {i}" for i in range(args.classes)]
+    model = Adapt(classnames, ["a photo of a {}."], arch=args.arch, pretrained=None).to(device)
+    prompts = model.kv_prompts
+    params = list(model.trainable("train"))
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=2.5e-3, momentum=0.9, weight_decay=5e-4)
+    full = {t: torch.ones_like(m) for t, m in prompts.masks().items()}
+    total = sum(m.numel() for m in full.values())
+    target = min(model.hparams.target_length, total)
+    keep = torch.randperm(total)[:target]  # a random T_target-token pattern: the cost depends on the count only
+    flat = torch.zeros(total, dtype=torch.bool)
+    flat[keep] = True
+    sizes = [m.numel() for m in full.values()]
+    pruned = {t: part.view_as(full[t]) for t, part in zip(full, flat.split(sizes), strict=True)}
+    none = {t: torch.zeros_like(m) for t, m in full.items()}
+    images = torch.randn(args.batch_size, 3, model.clip.image_size, model.clip.image_size, device=device)
+    labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
+
+    def train_step() -> None:
+        with autocast(args, device):
+            loss = sum(model.training_losses(images, labels).values())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def frozen_step() -> None:  # no prompts: nothing to train, so the forward of both towers only
+        with torch.no_grad(), autocast(args, device):
+            model(images)
+
+    model.train()
+    print(f"C = {args.classes} classes: the text tower runs over every class prompt at each step, as in training")
+    rates = {}
+    pruned_name, full_name = f"T_target={target}", f"all {total}"
+    for name, masks, step in ((pruned_name, pruned, train_step), (full_name, full, train_step)):
+        prompts.set_masks(masks)
+        seconds(step, args.warmup, device)
+        rates[name] = args.batch_size / statistics.median(seconds(step, args.iters, device))
+        live = prompts.live()
+        print(
+            f"training {name:12}: {rates[name]:9.1f} images/s ({live} live tokens, "
+            f"{prompts.live_parameters():,} live parameters, extra K/V keys per block: "
+            + ", ".join(f"{t} {100 * v:.0f}%" for t, v in model.extra_kv_fraction().items())
+            + ")"
+        )
+    prompts.set_masks(none)
+    seconds(frozen_step, args.warmup, device)
+    rates["none"] = args.batch_size / statistics.median(seconds(frozen_step, args.iters, device))
+    print(f"no prompts (fwd only): {rates['none']:9.1f} images/s (frozen CLIP, no backward: a lower bound on cost)")
+    print(f"{pruned_name} vs {full_name} training: {rates[pruned_name] / rates[full_name]:.2f}x")
+
+    # Evaluation: masked prompts vs the compact export vs plain CLIP, text embeddings precomputed.
+    prompts.set_masks(pruned)
+    model.eval()
+    compact = model.compact_prompts().to(device)
+    eval_images = torch.randn(args.eval_batch_size, 3, model.clip.image_size, model.clip.image_size, device=device)
+    timings: dict[str, list[float]] = {"masked": [], "compact": [], "plain": []}
+    runs = {
+        "masked": lambda: model.clip.encode_image(eval_images, prompts=prompts),
+        "compact": lambda: model.clip.encode_image(eval_images, prompts=compact),
+        "plain": lambda: model.clip.encode_image(eval_images),
+    }
+    for name, fn in runs.items():
+
+        def run(fn: Callable[[], object] = fn) -> None:
+            with torch.inference_mode(), autocast(args, device):
+                fn()
+
+        runs[name] = run
+        seconds(run, args.warmup, device)
+    for _ in range(args.iters):  # interleaved, so drift hits all alike
+        for name, run in runs.items():
+            timings[name] += seconds(run, 1, device)
+    for name, times in timings.items():
+        print(f"eval image {name:8}: {args.eval_batch_size / statistics.median(times):9.1f} images/s")
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace, torch.device], None]] = {
+    "adapt": bench_adapt,
     "ast": bench_ast,
     "cite": bench_cite,
     "rada": bench_rada,

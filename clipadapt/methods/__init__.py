@@ -1,5 +1,6 @@
 """Every method, importable by class path (`clipadapt.methods.<Name>`) from a config."""
 
+from clipadapt.methods.adapt import Adapt
 from clipadapt.methods.base import AdaptationModule, Stage
 from clipadapt.methods.cite import CLIPCITE
 from clipadapt.methods.clip_ast import CLIPAST
@@ -7,7 +8,17 @@ from clipadapt.methods.rada import RAda
 from clipadapt.methods.zeroshot import LinearProbe, ZeroShotCLIP
 
 METHODS: dict[str, type[AdaptationModule]] = {
-    m.__name__: m for m in (ZeroShotCLIP, LinearProbe, CLIPAST, RAda, CLIPCITE)
+    m.__name__: m for m in (ZeroShotCLIP, LinearProbe, CLIPAST, Adapt, RAda, CLIPCITE)
 }
 
-__all__ = ["CLIPAST", "CLIPCITE", "METHODS", "AdaptationModule", "LinearProbe", "RAda", "Stage", "ZeroShotCLIP"]
+__all__ = [
+    "Adapt",
+    "CLIPAST",
+    "CLIPCITE",
+    "METHODS",
+    "AdaptationModule",
+    "LinearProbe",
+    "RAda",
+    "Stage",
+    "ZeroShotCLIP",
+]
