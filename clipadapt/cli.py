@@ -16,6 +16,7 @@ fit / validate / test / predict are LightningCLI subcommands (the method is the 
 import argparse
 import importlib
 import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from clipadapt import experiments
 from clipadapt.data import CLIPDataModule
 from clipadapt.data.datamodule import summarize_dataset
+from clipadapt.data.readers import resolve_dataset
 from clipadapt.methods import AdaptationModule
 from clipadapt.models.backbone import PretrainedWeightsUnavailableError, check_weights
 
@@ -130,29 +132,37 @@ def sweep_main(argv: Sequence[str]) -> None:
     parser.add_argument("--protocol", help="protocol folder name (default: fewshot | base2novel | ood from data.*)")
     parser.add_argument("--jobs", help="write one job script per unfinished run into this folder instead of running")
     parser.add_argument("--job-header", help="file whose text heads each job script (e.g. scripts/slurm/header.sh)")
+    parser.add_argument(
+        "--command", choices=["fit", "test"], default="fit", help="`test` for methods that do not train (zero-shot)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
+    parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run each point in its own Python process (automatic unless trainer.devices is 1 on one node)",
+    )
     args, extra = parser.parse_known_args(argv)
-    try:
+    try:  # a missing config or a misspelt dataset fails here, not after hours of other runs
         config = experiments.merged_config(args.config, extra)
-        grid = experiments.parse_grid(args.grid)
+        data = config.get("data", {})
+        runs = experiments.expand(
+            args.method or experiments.method_name(config),
+            args.protocol or experiments.protocol_name(data),
+            [resolve_dataset(d).name for d in args.datasets or [data.get("dataset", "oxford_pets")]],
+            args.shots or [int(data.get("num_shots", 16))],
+            args.seeds,
+            experiments.parse_grid(args.grid),
+        )
     except (OSError, ValueError) as err:
         sys.exit(f"clipadapt sweep: {err}")
-    data = config.get("data", {})
-    runs = experiments.expand(
-        args.method or experiments.method_name(config),
-        args.protocol or experiments.protocol_name(data),
-        args.datasets or [data.get("dataset", "oxford_pets")],
-        args.shots or [int(data.get("num_shots", 16))],
-        args.seeds,
-        grid,
-    )
     header = open(args.job_header).read() if args.job_header else ""
     todo = [run for run in runs if not experiments.is_finished(Path(args.out) / run.relpath())]
     print(f"clipadapt sweep: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run")
+    isolate = args.isolate or experiments.needs_own_process(config)
     failed = []
     for i, run in enumerate(todo, 1):
         run_dir = Path(args.out) / run.relpath()
-        fit = experiments.fit_args(run, run_dir, args.config, extra)
+        fit = experiments.fit_args(run, run_dir, args.config, extra, args.command)
         if args.dry_run:
             print(f"  todo {run_dir}")
         elif args.jobs:
@@ -164,10 +174,14 @@ def sweep_main(argv: Sequence[str]) -> None:
             print(f"[{i}/{len(todo)}] {run_dir}", flush=True)
             if run_dir.exists():  # an interrupted attempt: start it over, stale checkpoints and events included
                 shutil.rmtree(run_dir)
-            # LightningCLI warns when both `args` and sys.argv hold arguments: hide the sweep's own.
-            argv0, sys.argv = sys.argv, sys.argv[:1]
+            if isolate:
+                if subprocess.run([sys.executable, "-m", "clipadapt.cli", *fit]).returncode:
+                    failed.append(run_dir)
+                continue
+            # As if launched as `clipadapt fit ...`: Lightning's DDP launcher starts the other ranks from sys.argv.
+            argv0, sys.argv = sys.argv, [sys.argv[0], *fit]
             try:
-                main(fit)
+                main()
             except Exception as err:  # one broken point must not stop a 165-run sweep; reported below
                 failed.append(run_dir)
                 print(f"  FAILED {run_dir}: {type(err).__name__}: {err}", file=sys.stderr)
