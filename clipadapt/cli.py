@@ -153,9 +153,9 @@ def sweep_main(argv: Sequence[str]) -> None:
             args.seeds,
             experiments.parse_grid(args.grid),
         )
+        header = Path(args.job_header).read_text() if args.job_header else ""
     except (OSError, ValueError) as err:
         sys.exit(f"clipadapt sweep: {err}")
-    header = open(args.job_header).read() if args.job_header else ""
     todo = [run for run in runs if not experiments.is_finished(Path(args.out) / run.relpath())]
     print(f"clipadapt sweep: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run")
     isolate = args.isolate or experiments.needs_own_process(config)
@@ -168,7 +168,7 @@ def sweep_main(argv: Sequence[str]) -> None:
         elif args.jobs:
             job = Path(args.jobs) / ("__".join(run.relpath().parts) + ".sh")
             job.parent.mkdir(parents=True, exist_ok=True)
-            job.write_text(experiments.job_script(fit, header))
+            job.write_text(experiments.job_script(fit, run_dir, header))
             print(f"  wrote {job}")
         else:
             print(f"[{i}/{len(todo)}] {run_dir}", flush=True)

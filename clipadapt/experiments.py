@@ -1,0 +1,328 @@
+"""Paper-scale experiments: sweep expansion, run naming, finished-run detection and the result tables.
+
+A sweep expands one config over datasets x shots x seeds (x any `--grid` key) into runs whose folder says
+what they are, `<out>/<method>/<protocol>/<dataset>/shots_<K>/seed_<S>/`; a run is finished once
+`test_metrics.json` exists there. The report reads those folders (saved `config.yaml` + final metrics)
+and builds the papers' tables: few-shot accuracy, base/novel/HM, ImageNet -> OOD. Everything but the
+file reading is a pure function of plain data.
+"""
+
+import csv
+import io
+import itertools
+import json
+import re
+import shlex
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clipadapt.data.readers import resolve_dataset
+from clipadapt.methods.base import harmonic_mean
+
+# The 11 datasets of the few-shot and base-to-novel averages (CoOp / CoCoOp order).
+PAPER_DATASETS = (
+    "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
+    "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101",
+)  # fmt: skip
+OOD_SETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+METRICS_FILE = "test_metrics.json"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One point of a sweep: what to train and where its folder is."""
+
+    method: str
+    protocol: str
+    dataset: str
+    shots: int
+    seed: int
+    overrides: tuple[tuple[str, str], ...] = ()  # (dotted key, value) of the grid point
+
+    def relpath(self) -> Path:
+        """`method[-key_value...]/protocol/dataset/shots_K/seed_S`."""
+        variant = "".join(f"-{key.rsplit('.', 1)[-1]}_{_safe(value)}" for key, value in self.overrides)
+        return Path(f"{self.method}{variant}", self.protocol, self.dataset, f"shots_{self.shots}", f"seed_{self.seed}")
+
+
+def _safe(value: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=]+", "_", str(value)).strip("_")
+
+
+def merged_config(configs: list[str], overrides: list[str]) -> dict[str, Any]:
+    """The YAML files deep-merged in order, then `--a.b value` pairs applied (enough to name a run)."""
+    merged: dict[str, Any] = {}
+    for path in configs:
+        _merge(merged, yaml.safe_load(Path(path).read_text()) or {})
+    for flag, value in zip(overrides, overrides[1:], strict=False):
+        if flag.startswith("--") and "." in flag and not value.startswith("--"):
+            *parents, leaf = flag[2:].split(".")
+            node = merged
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = yaml.safe_load(value)
+    return merged
+
+
+def _merge(into: dict, new: dict) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def method_name(config: dict[str, Any]) -> str:
+    """The method's class name, lower case: `clipadapt.methods.clip_ast.CLIPAST` -> `clipast`."""
+    return str(config.get("model", {}).get("class_path", "model")).rsplit(".", 1)[-1].lower()
+
+
+def protocol_name(data: dict[str, Any]) -> str:
+    """`ood` (ImageNet -> V2/Sketch/A/R), `base2novel` (train base, test base+novel) or `fewshot`."""
+    sets = [str(s) for s in data.get("eval_sets") or []]
+    if any(s in OOD_SETS for s in sets):
+        return "ood"
+    if data.get("subsample") == "base" or {"base", "novel"} <= set(sets):
+        return "base2novel"
+    return "fewshot"
+
+
+def expand(
+    method: str, protocol: str, datasets: list[str], shots: list[int], seeds: list[int], grid: dict[str, list[str]]
+) -> list[Run]:
+    """Every (grid point, dataset, shots, seed), seeds innermost so early results already cover all seeds."""
+    keys = list(grid)
+    points = [tuple(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
+    return [
+        Run(method, protocol, d, k, s, point) for point, d, k, s in itertools.product(points, datasets, shots, seeds)
+    ]
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """`["model.init_args.top_k=2,4"]` -> `{"model.init_args.top_k": ["2", "4"]}`."""
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ValueError(f"--grid wants KEY=V1,V2,..., got {item!r}")
+        grid[key.removeprefix("--")] = values.split(",")
+    return grid
+
+
+def dataset_name(name: str) -> str:
+    """The snake-case name the metrics use (`OxfordPets` -> `oxford_pets`); unknown names stay as they are."""
+    try:
+        return resolve_dataset(name).name
+    except ValueError:
+        return name
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run is finished once its test metrics are written (the last thing `clipadapt fit` does)."""
+    return (Path(run_dir) / METRICS_FILE).is_file()
+
+
+def needs_own_process(config: dict[str, Any]) -> bool:
+    """True unless the run is one process on one device: DDP ranks cannot be relaunched twice in one process."""
+    trainer = config.get("trainer", {})
+    return str(trainer.get("devices", "auto")) != "1" or str(trainer.get("num_nodes", 1)) != "1"
+
+
+def fit_args(run: Run, run_dir: Path, configs: list[str], extra: list[str], command: str = "fit") -> list[str]:
+    """`clipadapt fit` (or `test`) arguments of one run; the logger writes straight into `run_dir` (no version_N)."""
+    args = [command, *itertools.chain.from_iterable(("--config", c) for c in configs), *extra]
+    args += ["--data.dataset", run.dataset, "--data.num_shots", str(run.shots), "--data.seed", str(run.seed)]
+    for key, value in run.overrides:
+        args += [f"--{key}", value]
+    return args + [
+        *("--trainer.default_root_dir", str(run_dir)),
+        *("--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger"),
+        *("--trainer.logger.init_args.save_dir", str(run_dir)),
+        *("--trainer.logger.init_args.name", "", "--trainer.logger.init_args.version", ""),
+    ]
+
+
+def job_script(args: list[str], run_dir: Path, header: str = "") -> str:
+    """A bash job (SLURM header optional) for one sweep point; `srun` lets Lightning see the allocation.
+
+    Resubmitting is safe: a finished run exits at once, an interrupted one starts over in a clean folder.
+    """
+    launch = "srun " if "#SBATCH" in header else ""
+    folder = shlex.quote(str(run_dir))
+    lines = [header.rstrip("\n") if header else "#!/bin/bash", "set -euo pipefail"]
+    lines += [f"[ -f {folder}/{METRICS_FILE} ] && exit 0", f"rm -rf {folder}"]
+    return "\n".join([*lines, launch + shlex.join(["clipadapt", *args])]) + "\n"
+
+
+# ---- report ----
+
+
+@dataclass
+class Result:
+    """A finished run as the report sees it."""
+
+    method: str
+    protocol: str
+    dataset: str
+    shots: int
+    seed: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    path: str = ""
+
+
+def read_results(root: Path) -> list[Result]:
+    """Every finished run under `root` (sweep folders or plain `lightning_logs/version_N`)."""
+    results = []
+    for metrics_file in sorted(Path(root).rglob(METRICS_FILE)):
+        run_dir = metrics_file.parent
+        config_file = run_dir / "config.yaml"
+        config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+        data = config.get("data", {})
+        parts = run_dir.relative_to(root).parts
+        if len(parts) >= 5 and parts[-2].startswith("shots_") and parts[-1].startswith("seed_"):
+            method, protocol = parts[-5], parts[-4]  # the sweep's names (carry the grid variant)
+        else:
+            method, protocol = method_name(config), protocol_name(data)
+        dataset, shots, seed = (
+            dataset_name(str(data.get("dataset", "?"))),
+            data.get("num_shots", 0),
+            data.get("seed", 0),
+        )
+        metrics = json.loads(metrics_file.read_text())
+        results.append(Result(method, protocol, dataset, int(shots), int(seed), metrics, str(run_dir)))
+    return results
+
+
+def mean_std(values: list[float]) -> tuple[float, float] | None:
+    """Mean and population std over seeds (as Dassl's parse_test_res.py); None when there is no run."""
+    return (statistics.fmean(values), statistics.pstdev(values)) if values else None
+
+
+def _shots(k: int) -> str:
+    return f"{k} shot" + ("s" if k != 1 else "")
+
+
+def _ordered(names: set[str]) -> list[str]:
+    return [d for d in PAPER_DATASETS if d in names] + sorted(names - set(PAPER_DATASETS))
+
+
+def _acc(results: list[Result], key: str) -> tuple[float, float] | None:
+    return mean_std([r.metrics[key] for r in results if key in r.metrics])
+
+
+Cell = tuple[float, float] | float | None
+Table = dict[str, Any]  # {"title", "kind": fewshot | base2novel | ood, "columns", "rows": [(label, [Cell, ...])]}
+
+
+def _average(rows: list[list[Cell]], column: int) -> float | None:
+    """Mean over datasets of the seed means; a gap if any dataset lacks the column (no partial averages)."""
+    cells = [row[column] for row in rows]
+    if not cells or any(c is None for c in cells):
+        return None
+    return statistics.fmean(c[0] if isinstance(c, tuple) else c for c in cells)
+
+
+def fewshot_table(title: str, results: list[Result]) -> Table:
+    """Rows: datasets + Average; columns: shot counts; cells: mean ± std over seeds of `test/<dataset>/acc`."""
+    shots = sorted({r.shots for r in results})
+    datasets = _ordered({r.dataset for r in results})
+    rows = [
+        [_acc([r for r in results if r.dataset == d and r.shots == k], f"test/{d}/acc") for k in shots]
+        for d in datasets
+    ]
+    average = [_average(rows, i) for i in range(len(shots))]
+    labels = [*datasets, f"Average ({len(datasets)})"]
+    return {
+        "title": title,
+        "kind": "fewshot",
+        "columns": [_shots(k) for k in shots],
+        "rows": list(zip(labels, [*rows, average], strict=True)),
+    }
+
+
+def base2novel_table(title: str, results: list[Result]) -> Table:
+    """Rows: datasets + Average; Base, Novel (mean ± std over seeds) and HM of the seed-averaged B and N."""
+    datasets = _ordered({r.dataset for r in results})
+    rows = []
+    for d in datasets:
+        runs = [r for r in results if r.dataset == d]
+        base, novel = _acc(runs, "test/base/acc"), _acc(runs, "test/novel/acc")
+        rows.append([base, novel, harmonic_mean(base[0], novel[0]) if base and novel else None])
+    base, novel = _average(rows, 0), _average(rows, 1)
+    hm = harmonic_mean(base, novel) if base is not None and novel is not None else None
+    labels = [*datasets, f"Average ({len(datasets)})"]
+    return {
+        "title": title,
+        "kind": "base2novel",
+        "columns": ["Base", "Novel", "HM"],
+        "rows": list(zip(labels, [*rows, [base, novel, hm]], strict=True)),
+    }
+
+
+def ood_table(title: str, results: list[Result]) -> Table:
+    """Rows: shot counts; columns: ImageNet, V2, Sketch, A, R and the mean of the four OOD sets."""
+    rows = []
+    for k in sorted({r.shots for r in results}):
+        runs = [r for r in results if r.shots == k]
+        cells = [_acc(runs, f"test/{s}/acc") for s in ("imagenet", *OOD_SETS)]
+        rows.append((_shots(k), [*cells, _average([[c] for c in cells[1:]], 0)]))
+    return {
+        "title": title,
+        "kind": "ood",
+        "columns": ["ImageNet", "-V2", "-Sketch", "-A", "-R", "OOD avg"],
+        "rows": rows,
+    }
+
+
+def tables(results: list[Result]) -> list[Table]:
+    """One table per (method, protocol), base-to-novel also per shot count, in a stable order."""
+    out = []
+    for method, protocol in sorted({(r.method, r.protocol) for r in results}):
+        group = [r for r in results if r.method == method and r.protocol == protocol]
+        if protocol == "ood":
+            out.append(ood_table(f"{method} — ImageNet → OOD", group))
+        elif protocol == "base2novel":
+            for k in sorted({r.shots for r in group}):
+                subset = [r for r in group if r.shots == k]
+                out.append(base2novel_table(f"{method} — base-to-novel, {k} shots", subset))
+        else:
+            out.append(fewshot_table(f"{method} — {protocol} accuracy (%)", group))
+    return out
+
+
+def format_cell(cell: Cell) -> str:
+    """`71.23 ± 0.45`, `71.23` or empty (a gap, never a zero)."""
+    if cell is None:
+        return ""
+    return f"{cell[0]:.2f} ± {cell[1]:.2f}" if isinstance(cell, tuple) else f"{cell:.2f}"
+
+
+def to_markdown(table: Table) -> str:
+    """A GitHub-flavoured Markdown table with its title."""
+    lines = [f"### {table['title']}", "", "| | " + " | ".join(table["columns"]) + " |"]
+    lines.append("|---" * (len(table["columns"]) + 1) + "|")
+    lines += [f"| {label} | " + " | ".join(format_cell(c) for c in cells) + " |" for label, cells in table["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    """CSV with a mean and a std column per table column (std empty for derived cells); gaps are empty."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["row", *itertools.chain.from_iterable((c, f"{c} std") for c in table["columns"])])
+    for label, cells in table["rows"]:
+        flat = []
+        for c in cells:
+            mean, std = c if isinstance(c, tuple) else (c, None)
+            flat += ["" if mean is None else f"{mean:.4f}", "" if std is None else f"{std:.4f}"]
+        writer.writerow([label, *flat])
+    return buffer.getvalue()
+
+
+def table_slug(table: Table) -> str:
+    """A file name for the table's CSV."""
+    return _safe(re.sub(r"[\s—→(),%-]+", "_", table["title"].lower())).strip("_")
