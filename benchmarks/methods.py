@@ -42,23 +42,12 @@ def autocast(args: argparse.Namespace, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
 
 
-def bench_ast(args: argparse.Namespace, device: torch.device) -> None:
-    """CLIP-AST stage 2 (K=6 tensors per block, both towers, Eq. 11 loss) and evaluation vs plain open_clip."""
-    classnames = [f"class {i}" for i in range(args.classes)]
-    # The random scheme has no probe and selects as many tensors per block as the adaptive one: the
-    # step costs the same (backward reaches the first block of both towers either way).
-    model = CLIPAST(classnames, ["a photo of a {}."], arch=args.arch, pretrained=None, scheme="random").to(device)
-    model.stage = "selective"
-    params = list(model.trainable("selective"))
-    model.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4)
-    model._teacher_features()  # computed once at fit start in a real run, not per step
-    trainable = sum(p.numel() for p in params)
-    print(f"trainable: {len(params)} tensors, {trainable / 1e6:.1f} M parameters (text tower recomputed every step)")
-
-    images = torch.randn(args.batch_size, 3, model.clip.image_size, model.clip.image_size, device=device)
+def training_rate(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, args: argparse.Namespace, device: torch.device
+) -> float:
+    """Images/s of whole training steps (the method's losses, backward, optimizer step), median of `args.iters`."""
+    size = model.clip.image_size
+    images = torch.randn(args.batch_size, 3, size, size, device=device)
     labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
 
     def train_step() -> None:
@@ -69,9 +58,25 @@ def bench_ast(args: argparse.Namespace, device: torch.device) -> None:
         optimizer.zero_grad(set_to_none=True)
 
     model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     seconds(train_step, args.warmup, device)
-    train = seconds(train_step, args.iters, device)
-    train_ips = args.batch_size / statistics.median(train)
+    return args.batch_size / statistics.median(seconds(train_step, args.iters, device))
+
+
+def bench_ast(args: argparse.Namespace, device: torch.device) -> None:
+    """CLIP-AST stage 2 (K=6 tensors per block, both towers, Eq. 11 loss) and evaluation vs plain open_clip."""
+    classnames = [f"class {i}" for i in range(args.classes)]
+    # The random scheme has no probe and selects as many tensors per block as the adaptive one: the
+    # step costs the same (backward reaches the first block of both towers either way).
+    model = CLIPAST(classnames, ["a photo of a {}."], arch=args.arch, pretrained=None, scheme="random").to(device)
+    model.stage = "selective"
+    params = model._apply_stage("selective")  # freezes the rest, as at the stage boundary
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-4)
+    model._teacher_features()  # computed once at fit start in a real run, not per step
+    trainable = sum(p.numel() for p in params)
+    print(f"trainable: {len(params)} tensors, {trainable / 1e6:.1f} M parameters (text tower recomputed every step)")
+    train_ips = training_rate(model, optimizer, args, device)
 
     # Evaluation: the module's own classify vs a plain open_clip model built from the exported state dict.
     model.eval()
@@ -118,27 +123,10 @@ def bench_rada(args: argparse.Namespace, device: torch.device) -> None:
     classnames = [f"class {i}" for i in range(args.classes)]
     model = RAda(classnames, ["a photo of a {}."], arch=args.arch, pretrained=None, setting="eft").to(device)
     size = model.clip.image_size
-    params = list(model.trainable("train"))
-    model.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    params = model._apply_stage("train")
     optimizer = torch.optim.Adam(params, lr=9e-4, weight_decay=5e-4)
     print(f"adapter: {sum(p.numel() for p in params) / 1e6:.2f} M parameters; C = {args.classes} classes")
-    images = torch.randn(args.batch_size, 3, size, size, device=device)
-    labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
-
-    def train_step() -> None:
-        with autocast(args, device):
-            loss = sum(model.training_losses(images, labels).values())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    model.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds(train_step, args.warmup, device)
-    train_ips = args.batch_size / statistics.median(seconds(train_step, args.iters, device))
+    train_ips = training_rate(model, optimizer, args, device)
     print(f"EFT training     : {train_ips:9.1f} images/s (batch {args.batch_size}, median of {args.iters} steps)")
     print(f"  peak memory    : {peak_memory(device)}")
 
@@ -180,28 +168,11 @@ def bench_cite(args: argparse.Namespace, device: torch.device) -> None:
     """CLIP-CITE: one full fine-tuning step (both towers, DVA + SCL + VLD with the frozen image teacher)."""
     classnames = [f"class {i}" for i in range(args.classes)]
     model = CLIPCITE(classnames, ["a photo of a {}."], arch=args.arch, pretrained=None).to(device)
-    params = list(model.trainable("train"))
-    model.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    params = model._apply_stage("train")
     optimizer = torch.optim.AdamW(params, lr=5e-6, weight_decay=0.01)
     trainable = sum(p.numel() for p in params)
     print(f"trainable: {trainable / 1e6:.1f} M parameters (all but the logit scale); C = {args.classes} class prompts")
-    images = torch.randn(args.batch_size, 3, model.clip.image_size, model.clip.image_size, device=device)
-    labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
-
-    def train_step() -> None:
-        with autocast(args, device):
-            loss = sum(model.training_losses(images, labels).values())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    model.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds(train_step, args.warmup, device)
-    train_ips = args.batch_size / statistics.median(seconds(train_step, args.iters, device))
+    train_ips = training_rate(model, optimizer, args, device)
     print(f"training         : {train_ips:9.1f} images/s (batch {args.batch_size}, median of {args.iters} steps)")
     print(f"  peak memory    : {peak_memory(device)}")
 
@@ -218,10 +189,7 @@ def bench_adapt(args: argparse.Namespace, device: torch.device) -> None:
     classnames = [f"class {i}" for i in range(args.classes)]
     model = Adapt(classnames, ["a photo of a {}."], arch=args.arch, pretrained=None).to(device)
     prompts = model.kv_prompts
-    params = list(model.trainable("train"))
-    model.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
+    params = model._apply_stage("train")
     optimizer = torch.optim.SGD(params, lr=2.5e-3, momentum=0.9, weight_decay=5e-4)
     full = {t: torch.ones_like(m) for t, m in prompts.masks().items()}
     total = sum(m.numel() for m in full.values())
@@ -233,27 +201,17 @@ def bench_adapt(args: argparse.Namespace, device: torch.device) -> None:
     pruned = {t: part.view_as(full[t]) for t, part in zip(full, flat.split(sizes), strict=True)}
     none = {t: torch.zeros_like(m) for t, m in full.items()}
     images = torch.randn(args.batch_size, 3, model.clip.image_size, model.clip.image_size, device=device)
-    labels = torch.randint(0, args.classes, (args.batch_size,), device=device)
-
-    def train_step() -> None:
-        with autocast(args, device):
-            loss = sum(model.training_losses(images, labels).values())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
     def frozen_step() -> None:  # no prompts: nothing to train, so the forward of both towers only
         with torch.no_grad(), autocast(args, device):
             model(images)
 
-    model.train()
     print(f"C = {args.classes} classes: the text tower runs over every class prompt at each step, as in training")
     rates = {}
     pruned_name, full_name = f"T_target={target}", f"all {total}"
-    for name, masks, step in ((pruned_name, pruned, train_step), (full_name, full, train_step)):
+    for name, masks in ((pruned_name, pruned), (full_name, full)):
         prompts.set_masks(masks)
-        seconds(step, args.warmup, device)
-        rates[name] = args.batch_size / statistics.median(seconds(step, args.iters, device))
+        rates[name] = training_rate(model, optimizer, args, device)
         live = prompts.live()
         print(
             f"training {name:12}: {rates[name]:9.1f} images/s ({live} live tokens, "
