@@ -32,7 +32,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from clipadapt.data.templates import templates_for
 from clipadapt.methods.base import AdaptationModule
 from clipadapt.models.prompts import CompactPrompts, MaskedPrompts
 from clipadapt.pruning import accumulate, live_per_layer, prune_step, split_budget, token_scores
@@ -111,22 +110,11 @@ class Adapt(AdaptationModule):
             losses["ce"] = losses["ce"] + 0.0 * sum(p.sum() for p in unused)
         return losses
 
-    def class_embeddings(self, classnames: list[str], templates: list[str]) -> Tensor:
-        """(C, D) prompted class embeddings: with grad in training, once per evaluation otherwise."""
-        chosen = templates_for(self.hparams.prompts, templates)
-        trainer = self._trainer
-        evaluating = trainer is not None and (
-            trainer.validating or trainer.testing or trainer.predicting or trainer.sanity_checking
-        )
-        if torch.is_grad_enabled() or not evaluating:
-            return self.clip.text_features(classnames, chosen, prompts=self.kv_prompts)
-        # The prompts change only in training steps: the global step identifies their value.
-        key = (tuple(classnames), tuple(chosen), self.global_step)
-        if key not in self._text_cache:
-            self._text_cache.clear()
-            with torch.no_grad():
-                self._text_cache[key] = self.clip.text_features(classnames, chosen, prompts=self.kv_prompts).float()
-        return self._text_cache[key]
+    def encode_classes(self, classnames: list[str], templates: list[str]) -> Tensor:
+        return self.clip.text_features(classnames, templates, prompts=self.kv_prompts)
+
+    def text_trainable(self) -> bool:
+        return self.kv_prompts.tokens("text").requires_grad or super().text_trainable()
 
     # ---- pruning (Algorithm 1) ----
 

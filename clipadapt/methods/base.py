@@ -124,15 +124,23 @@ class AdaptationModule(L.LightningModule):
         return self.clip.logit_scale.exp() * self.clip.encode_image(images) @ text.T
 
     def class_embeddings(self, classnames: list[str], templates: list[str]) -> Tensor:
-        """(C, D) unit class embeddings from the text tower; cached while it is frozen."""
+        """(C, D) unit class embeddings; cached while nothing that shapes them trains, else once per evaluation."""
         chosen = templates_for(self.hparams.prompts, templates)
-        if self._text_trainable() and torch.is_grad_enabled():
-            return self.clip.text_features(classnames, chosen)
+        if self.text_trainable() and not self._evaluating():
+            return self.encode_classes(classnames, chosen)  # with grad in training steps
         key = (tuple(classnames), tuple(chosen))
         if key not in self._text_cache:
             with torch.no_grad():
-                self._text_cache[key] = self.clip.text_features(classnames, chosen).float()
+                self._text_cache[key] = self.encode_classes(classnames, chosen).float()
         return self._text_cache[key]
+
+    def encode_classes(self, classnames: list[str], templates: list[str]) -> Tensor:
+        """(C, D) unit text features of the classes; a method that feeds the text tower more overrides this."""
+        return self.clip.text_features(classnames, templates)
+
+    def text_trainable(self) -> bool:
+        """Whether a trainable parameter shapes the text features (then they are not cached across steps)."""
+        return any(p.requires_grad for _, p in self.clip.text_parameters())
 
     def on_stage_end(self, stage: str) -> None:
         """Called at a stage boundary while the old optimizer still exists."""
@@ -154,8 +162,12 @@ class AdaptationModule(L.LightningModule):
         """(B, 3, H, W) -> (B, C) logits over the training classes."""
         return self.classify(images, self.class_embeddings(self.hparams.classnames, self.hparams.templates))
 
-    def _text_trainable(self) -> bool:
-        return any(p.requires_grad for _, p in self.clip.text_parameters())
+    def _evaluating(self) -> bool:
+        # Inside an evaluation loop nothing trains: its epoch start clears the cache, one encoding serves it.
+        trainer = self._trainer
+        return trainer is not None and (
+            trainer.validating or trainer.testing or trainer.predicting or trainer.sanity_checking
+        )
 
     def _stage_at(self, epoch: int) -> Stage:
         start = 0
@@ -264,8 +276,11 @@ class AdaptationModule(L.LightningModule):
         self.val_acc.update(self(images), labels)
 
     def on_validation_epoch_start(self) -> None:
-        if self._text_trainable():
+        if self.text_trainable():
             self._text_cache.clear()
+
+    def on_predict_epoch_start(self) -> None:
+        self._text_cache.clear()
 
     def on_validation_epoch_end(self) -> None:
         correct, total = self.val_acc.compute().tolist()
