@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from doubles import QUIET, tiny_datamodule
 
 from clipadapt.data import CLIPDataModule, write_synthetic
 
@@ -28,31 +29,13 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def tiny_data(data_root: Path, tmp_path: Path) -> CLIPDataModule:
     """oxford_pets layout, 6 classes x 2 shots, 32 px images, base+novel evaluation."""
-    return CLIPDataModule(
-        root=str(data_root),
-        dataset="oxford_pets",
-        num_shots=2,
-        image_size=32,
-        batch_size=4,
-        eval_batch_size=8,
-        num_workers=0,
-        cache_dir=str(tmp_path / "cache"),
-    )
+    return tiny_datamodule(data_root, tmp_path / "cache", num_shots=2, eval_batch_size=8)
 
 
 @pytest.fixture
 def cpu_trainer(tmp_path: Path) -> Callable[..., L.Trainer]:
     def make(**overrides) -> L.Trainer:
-        defaults = dict(
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
-            num_sanity_val_steps=0,
-        )
+        defaults = QUIET | dict(devices=1, default_root_dir=tmp_path)
         return L.Trainer(**(defaults | overrides))
 
     return make

@@ -1,10 +1,35 @@
-"""Test doubles shared by the base and DDP tests."""
+"""Test doubles and the tiny set-ups that several tests (and their DDP subprocesses) share."""
 
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
+import lightning as L
 from torch import nn
 
+from clipadapt.data import CLIPDataModule
 from clipadapt.methods import LinearProbe, Stage
+
+# A CPU trainer that writes and prints nothing unless a test asks for it.
+QUIET = dict(
+    accelerator="cpu",
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+)
+
+
+def tiny_datamodule(root: Path | str, cache_dir: Path | str, **overrides: Any) -> CLIPDataModule:
+    """The oxford_pets-layout synthetic data at 32 px, loaded in the main process."""
+    kwargs = dict(dataset="oxford_pets", num_shots=4, image_size=32, batch_size=4, num_workers=0)
+    return CLIPDataModule(root=str(root), cache_dir=str(cache_dir), **(kwargs | overrides))
+
+
+def ddp_trainer(out: Path, **overrides: Any) -> L.Trainer:
+    """Two CPU processes under DDP (run from a script: Lightning re-launches it for rank 1)."""
+    return L.Trainer(**(QUIET | dict(devices=2, strategy="ddp", default_root_dir=out) | overrides))
 
 
 class TwoStage(LinearProbe):

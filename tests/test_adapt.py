@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from doubles import ddp_trainer, tiny_datamodule
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -146,28 +147,10 @@ def test_two_process_ddp_prunes_identically_on_both_ranks(tmp_path):
 
 def _ddp_main(root: Path, out: Path) -> None:
     L.seed_everything(1)
-    data = CLIPDataModule(
-        root=str(root),
-        dataset="oxford_pets",
-        num_shots=4,
-        image_size=32,
-        batch_size=4,
-        num_workers=0,
-        cache_dir=str(out),
-    )
+    data = tiny_datamodule(root, out)
     model = make_adapt(data)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=5,  # 15 steps: T_target at step 13, then training goes on with the pruned masks
-        limit_val_batches=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=out,
-    )
+    # 15 steps: T_target at step 13, then training goes on with the pruned masks
+    trainer = ddp_trainer(out, max_epochs=5, limit_val_batches=0, logger=True)  # masks.json in its log dir
     trainer.fit(model, data)
     torch.save({t: m.cpu() for t, m in model.kv_prompts.masks().items()}, out / f"masks{trainer.global_rank}.pt")
 

@@ -225,7 +225,7 @@ import json, sys
 from pathlib import Path
 import lightning as L, torch, torch.distributed as dist
 import clipadapt.methods.clip_ast as clip_ast
-from clipadapt.data import CLIPDataModule
+from doubles import ddp_trainer, tiny_datamodule
 
 root, out = Path(sys.argv[1]), Path(sys.argv[2])
 scores = clip_ast.importance_scores
@@ -241,13 +241,10 @@ def recorded(self, values):
 clip_ast.CLIPAST._make_selection = recorded
 
 L.seed_everything(1)
-data = CLIPDataModule(root=str(root), dataset="oxford_pets", num_shots=4, image_size=32, batch_size=4,
-                      num_workers=0, cache_dir=str(out))
+data = tiny_datamodule(root, out)
 model = clip_ast.CLIPAST(data.classnames, data.templates, arch="clipadapt-tiny", pretrained=None,
                          optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), probe_lr=1e-2)
-trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
-                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                    num_sanity_val_steps=0, default_root_dir=out)
+trainer = ddp_trainer(out, max_epochs=2)
 trainer.fit(model, data)
 rank = trainer.global_rank
 (out / f"selection{rank}.json").write_text(json.dumps(model.selection["selected"]))
@@ -259,7 +256,7 @@ def test_ddp_ranks_hold_rank_zeros_selection(tmp_path: Path):
     write_synthetic(tmp_path / "data", "oxford_pets")
     script = tmp_path / "ast_ddp_fit.py"
     script.write_text(DDP_SCRIPT)
-    env = os.environ | {"PYTHONPATH": str(REPO)}
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent), str(REPO)])}
     subprocess.run(
         [sys.executable, str(script), str(tmp_path / "data"), str(tmp_path)], cwd=tmp_path, env=env, check=True
     )
