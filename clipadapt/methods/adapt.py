@@ -21,8 +21,6 @@ Outputs: masks.json in the run dir, TensorBoard mask images and per-block live c
 parameter count and the extra K/V cost; `export_state_dict` keeps only live tokens.
 """
 
-import json
-import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -175,25 +173,21 @@ class Adapt(AdaptationModule):
 
     def _record(self) -> None:
         """masks.json in the run dir; live counts, #parameters, K/V cost and mask pictures to the logger."""
-        log_dir = self.trainer.log_dir  # a collective call under DDP: every rank asks, rank 0 writes
-        if not self.trainer.is_global_zero:
-            return
         masks = {tower: mask.cpu() for tower, mask in self.kv_prompts.masks().items()}
         per_layer = live_per_layer(masks)
         live, params = self.kv_prompts.live(), self.kv_prompts.live_parameters()
+        summary = {
+            "step": self.global_step,
+            "live": live,
+            "target_length": self.hparams.target_length,
+            "live_per_layer": per_layer,
+            "trainable_params": params,
+            "masks": {tower: mask.int().tolist() for tower, mask in masks.items()},
+        }
+        self.write_json("masks.json", summary)
+        if not self.trainer.is_global_zero:
+            return
         rank_zero_info(f"clipadapt: Adapt step {self.global_step}: {live} live prompt tokens {per_layer}")
-        if log_dir is not None:
-            os.makedirs(log_dir, exist_ok=True)
-            summary = {
-                "step": self.global_step,
-                "live": live,
-                "target_length": self.hparams.target_length,
-                "live_per_layer": per_layer,
-                "trainable_params": params,
-                "masks": {tower: mask.int().tolist() for tower, mask in masks.items()},
-            }
-            with open(os.path.join(log_dir, "masks.json"), "w") as f:
-                json.dump(summary, f, indent=1)
         if self.logger is None:
             return
         metrics: dict[str, float] = {"prompts/live": live, "prompts/trainable_params": params}

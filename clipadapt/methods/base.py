@@ -317,14 +317,15 @@ class AdaptationModule(L.LightningModule):
             metrics["test/hm"] = harmonic_mean(accs["base"], accs["novel"])
         for key, value in metrics.items():
             self.log(key, value, add_dataloader_idx=False)
-        self._write_metrics(metrics)
+        self.write_json("test_metrics.json", metrics)
 
-    def _write_metrics(self, metrics: dict[str, float]) -> None:
+    def write_json(self, name: str, payload: Any) -> None:
+        """`payload` as `<run dir>/<name>`, written by rank 0; every rank must call it."""
         log_dir = self.trainer.log_dir  # a collective call under DDP: every rank asks, rank 0 writes
         if log_dir is not None and self.trainer.is_global_zero:
             os.makedirs(log_dir, exist_ok=True)
-            with open(os.path.join(log_dir, "test_metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=2)
+            with open(os.path.join(log_dir, name), "w") as f:
+                json.dump(payload, f, indent=1)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Predicted class index over the first evaluation set."""

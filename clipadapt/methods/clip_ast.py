@@ -27,9 +27,7 @@ optimizer step, because AdamW's weight decay would otherwise still move them.
 """
 
 import copy
-import json
 import math
-import os
 from collections.abc import Iterable
 from functools import partial
 from typing import Any
@@ -255,19 +253,17 @@ class CLIPAST(AdaptationModule):
 
     def _record_selection(self) -> None:
         """selection.json in the run folder, #trainable params and one heatmap per encoder to TensorBoard."""
-        self._write_selection(self.trainer.log_dir)  # log_dir is a collective under DDP: every rank asks
-
-    @rank_zero_only
-    def _write_selection(self, log_dir: str | None) -> None:
         sel = self.selection
         grids = {e: selection_grid(self.units, e, sel["scores"], sel["selected"]) for e in ("image", "text")}
+        self.write_json("selection.json", {**sel, "grids": grids})
+        self._log_selection(grids)
+
+    @rank_zero_only
+    def _log_selection(self, grids: dict[str, Any]) -> None:
+        sel = self.selection
         rank_zero_info(
             f"clipadapt: CLIP-AST selected {len(sel['selected'])} tensors, {sel['trainable_params']:,} parameters"
         )
-        if log_dir is not None:
-            os.makedirs(log_dir, exist_ok=True)
-            with open(os.path.join(log_dir, "selection.json"), "w") as f:
-                json.dump({**sel, "grids": grids}, f, indent=1)
         if self.logger is not None:
             self.logger.log_metrics({"train/trainable_params": sel["trainable_params"]}, step=self.global_step)
         if isinstance(self.logger, TensorBoardLogger):
