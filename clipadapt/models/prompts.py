@@ -40,6 +40,10 @@ class MaskedPrompts(nn.Module):
             nn.init.normal_(tokens, std=init_std)
             self.register_parameter(tower, nn.Parameter(tokens))
             self.register_buffer(f"{tower}_mask", torch.ones(layers[tower], max_length, dtype=torch.bool))  # (L, ξ)
+        # Live-token indices on the CPU, so a forward never waits on the device to read a mask;
+        # rebuilt after the masks change (set_masks, load_state_dict).
+        self._live_index: dict[str, list[Tensor]] | None = None
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._forget_live_index())
 
     def tokens(self, tower: str) -> nn.Parameter:
         """(L, ξ, W) all prompt tokens of `tower`, pruned ones included."""
@@ -57,15 +61,22 @@ class MaskedPrompts(nn.Module):
         """Replace the keep-masks in place (so the buffers stay registered and on their device)."""
         for tower, mask in masks.items():
             self.mask(tower).copy_(mask.to(self.mask(tower).device))
+        self._forget_live_index()
+
+    def _forget_live_index(self) -> None:
+        self._live_index = None
 
     def kv_tokens(self, tower: str, layer: int) -> Tensor | None:
         """(P, W) live tokens of `tower` at block `layer`; None when the tower has none there."""
         if tower not in self.towers:
             return None
-        keep = self.mask(tower)[layer]  # (ξ,)
-        if not bool(keep.any()):
+        if self._live_index is None:
+            self._live_index = {t: [row.nonzero().flatten() for row in self.mask(t).cpu()] for t in self.towers}
+        index = self._live_index[tower][layer]  # (P,) on the CPU
+        if not len(index):
             return None
-        return self.tokens(tower)[layer][keep]  # (P, W)
+        tokens = self.tokens(tower)[layer]  # (ξ, W)
+        return tokens.index_select(0, index.to(tokens.device, non_blocking=True))  # (P, W)
 
     def live(self) -> int:
         """Total live tokens over both towers."""
