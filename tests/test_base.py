@@ -130,3 +130,14 @@ def test_warmup_then_cosine_by_hand(tiny_data, cpu_trainer):
     # 2 warmup steps at 1e-5, then cosine over the remaining 4 steps from 0.1 towards 0
     expected = [1e-4, 1e-4, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]
     assert [factor(s) for s in range(6)] == pytest.approx(expected)
+
+
+def test_a_learned_head_scores_any_subset_of_the_training_classes(tiny_data):
+    probe = build(LinearProbe, tiny_data)
+    with torch.no_grad():
+        probe.head.mul_(torch.arange(1.0, 1 + len(probe.head))[:, None])  # rows no longer unit length
+    subset = tiny_data.classnames[3:0:-1]  # 3 training classes, reordered (as ImageNet-A's 200 of 1000)
+    expected = F.normalize(probe.head[[3, 2, 1]], dim=-1)
+    torch.testing.assert_close(probe.class_embeddings(subset, tiny_data.templates), expected)
+    other = probe.class_embeddings(["an unseen class"], tiny_data.templates)  # no trained row: text features
+    torch.testing.assert_close(other, probe.clip.text_features(["an unseen class"], tiny_data.templates))

@@ -134,6 +134,17 @@ class AdaptationModule(L.LightningModule):
                 self._text_cache[key] = self.encode_classes(classnames, chosen).float()
         return self._text_cache[key]
 
+    def head_rows(self, head: Tensor, classnames: list[str]) -> Tensor | None:
+        """(C, D) unit rows of a learned (C_train, D) class head for `classnames`; None if one is not a training class.
+
+        A set of training classes (all, or a subset such as ImageNet-A's 200) is scored with the head; any
+        other class set (novel, cross-dataset) has no trained rows and falls back to the text features.
+        """
+        rows = {name: i for i, name in enumerate(self.hparams.classnames)}
+        if not all(name in rows for name in classnames):
+            return None
+        return F.normalize(head[[rows[name] for name in classnames]], dim=-1)
+
     def encode_classes(self, classnames: list[str], templates: list[str]) -> Tensor:
         """(C, D) unit text features of the classes; a method that feeds the text tower more overrides this."""
         return self.clip.text_features(classnames, templates)

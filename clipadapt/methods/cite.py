@@ -183,9 +183,8 @@ class CLIPCITE(AdaptationModule):
     # ---- evaluation and checkpoints ----
 
     def class_embeddings(self, classnames: list[str], templates: list[str]) -> Tensor:
-        if self.hparams.eval_head == "head" and list(classnames) == list(self.hparams.classnames):
-            return F.normalize(self.head, dim=-1)  # (C, D)
-        return super().class_embeddings(classnames, templates)
+        rows = self.head_rows(self.head, classnames) if self.hparams.eval_head == "head" else None
+        return rows if rows is not None else super().class_embeddings(classnames, templates)
 
     def zeroshot_weights(self) -> dict[str, Tensor]:
         """θ_zs as an open_clip state dict: the teacher's image tower and the CPU copy of the rest."""

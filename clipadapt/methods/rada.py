@@ -110,12 +110,8 @@ class RAda(AdaptationModule):
         return params
 
     def class_embeddings(self, classnames: list[str], templates: list[str]) -> Tensor:
-        if self.hparams.setting != "fft":
-            return super().class_embeddings(classnames, templates)
-        rows = {name: i for i, name in enumerate(self.hparams.classnames)}
-        if all(name in rows for name in classnames):
-            return F.normalize(self.head[[rows[name] for name in classnames]], dim=-1)  # (C, D)
-        return super().class_embeddings(classnames, templates)
+        rows = self.head_rows(self.head, classnames) if self.hparams.setting == "fft" else None
+        return rows if rows is not None else super().class_embeddings(classnames, templates)
 
     def _encoders_frozen(self) -> bool:
         return not any(p.requires_grad for _, p in self.clip.image_parameters())

@@ -7,13 +7,12 @@ w_c = normalize(mean_t normalize(g(t(c)))) over the chosen template(s).
 LinearProbe: a cosine head W (C, D) over the frozen image tower, initialised from the zero-shot
 class embeddings (as in LP-FT / WiSE-FT), logits = s · f̂(x) · normalize(W)ᵀ. Only W trains. An
 evaluation set with other classes (novel, cross-dataset) has no trained rows: it falls back to
-the zero-shot text classifier, so base-to-novel numbers stay defined.
+the zero-shot text classifier, so base-to-novel numbers stay defined (`AdaptationModule.head_rows`).
 """
 
 from collections.abc import Iterable
 from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipadapt.methods.base import AdaptationModule
@@ -35,6 +34,5 @@ class LinearProbe(AdaptationModule):
         yield self.head
 
     def class_embeddings(self, classnames: list[str], templates: list[str]) -> Tensor:
-        if list(classnames) == list(self.hparams.classnames):
-            return F.normalize(self.head, dim=-1)
-        return super().class_embeddings(classnames, templates)
+        rows = self.head_rows(self.head, classnames)
+        return rows if rows is not None else super().class_embeddings(classnames, templates)
