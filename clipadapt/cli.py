@@ -30,6 +30,7 @@ from clipadapt import experiments
 from clipadapt.data import CLIPDataModule
 from clipadapt.data.datamodule import summarize_dataset
 from clipadapt.data.readers import resolve_dataset
+from clipadapt.errors import ClipAdaptError
 from clipadapt.methods import AdaptationModule
 from clipadapt.models.backbone import PretrainedWeightsUnavailableError, check_weights
 
@@ -56,7 +57,13 @@ class ClipAdaptCLI(LightningCLI):
             model = self._get(self.config, "model.init_args")
             check_weights(model.arch, model.pretrained)
             super().instantiate_classes()
-        except (FileNotFoundError, ValueError, PretrainedWeightsUnavailableError) as err:
+        except (FileNotFoundError, ValueError, PretrainedWeightsUnavailableError, ClipAdaptError) as err:
+            sys.exit(f"clipadapt: error: {err}")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except ClipAdaptError as err:  # bad input met while running (a file, a checkpoint): one line
             sys.exit(f"clipadapt: error: {err}")
 
     def after_fit(self) -> None:
