@@ -119,7 +119,10 @@ def test_frozen_backbone_and_export_reproduces_the_masked_logits(tiny_data, cpu_
         masked = model(images)
         text = plain.text_features(model.hparams.classnames, ["a photo of a {}."], prompts=compact)
         exported = plain.logit_scale.exp() * plain.encode_image(images, prompts=compact) @ text.T
-    assert torch.equal(exported, masked)
+    # Compact and masked prompts build K/V through different gathers and shapes, so float rounding may
+    # differ in the last bit between CPUs (seen on AMD EPYC): equal to fp32 round-off, same predictions.
+    torch.testing.assert_close(exported, masked, rtol=1e-5, atol=1e-5)
+    assert torch.equal(exported.argmax(-1), masked.argmax(-1))
 
     with torch.no_grad():  # every token pruned: exactly the frozen zero-shot model
         model.kv_prompts.set_masks({t: torch.zeros_like(m) for t, m in model.kv_prompts.masks().items()})

@@ -120,7 +120,8 @@ def test_compact_prompts_reproduce_the_masked_model(clip: CLIPBackbone):
         for got, want in zip(
             outputs(clip, compact, images, tokens), outputs(clip, prompts, images, tokens), strict=True
         ):
-            assert torch.equal(got, want)
+            # two code paths (compact vs masked K/V): equal up to fp32 round-off, which differs between CPUs
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         text = clip.text_features(["cat", "dog"], ["a photo of a {}."], prompts=compact)
     assert torch.allclose(text.norm(dim=-1), torch.ones(2)) and text.shape == (2, clip.embed_dim)
     assert F.cosine_similarity(text, clip.text_features(["cat", "dog"], ["a photo of a {}."]), dim=-1).max() < 1
