@@ -32,11 +32,14 @@ from clipadapt.models import CLIPBackbone
 
 
 class Stage(NamedTuple):
-    """One training stage: its name, length in epochs (-1: until max_epochs) and optional lr."""
+    """One training stage: its name, length in epochs (-1: until max_epochs), optional lr and schedule length."""
 
     name: str
     epochs: int = -1
     lr: float | None = None  # overrides the optimizer's lr in this stage
+    # The warmup + cosine spans this many epochs instead of the stage's own length: a longer schedule cut
+    # where the stage ends (RAda-FT starts from epoch 5 of a 10-epoch probe run, whose lr is not yet 0).
+    schedule_epochs: int | None = None
 
 
 def harmonic_mean(base: float, novel: float) -> float:
@@ -242,6 +245,7 @@ class AdaptationModule(L.LightningModule):
                 group["lr"] = stage.lr
         steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
         _, epochs = self._stage_bounds(self.stage)
+        epochs = stage.schedule_epochs or epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor(optimizer, steps_per_epoch, epochs))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -9,6 +9,9 @@ logits = s · Σ_d M ⊙ R with M = ReLU(1 + f_φ(R, f̂, ŵ)) ≡ 1 at init, i.
 - `fft` (§4.1, App. C): a linear head W (C, D) from the 80-template zero-shot weights replaces the
   text tower, R = f̂ ⊙ normalize(W), no head bias. Stage `probe`: f_φ + W (CE + λ·L_reg); stage
   `finetune`: image tower + W + f_φ, CE only (L_reg applies only while the encoders are frozen).
+  The probe's warmup + cosine is computed over `probe_schedule_epochs` (10) and cut where the probe
+  ends (`probe_epochs`, 5): RAda-FT starts from epoch 5 of RAda's 10-epoch run, whose lr is then
+  about half its peak, not 0 (App. C). The finetune stage has its own warmup + cosine over its epochs.
   An evaluation set whose classes are all training classes (ImageNet-V2/Sketch, the 200-class
   ImageNet-A/R) uses the matching rows of W; any other set (novel) falls back to text features.
 - `ttt` (§4.3, TPT's recipe): per test image, the original view + V−1 augmented views; f_φ reset to
@@ -61,6 +64,7 @@ class RAda(AdaptationModule):
         mask_reg_weight: float = 1.5,  # λ, App. E
         max_map_elements: int = 2**26,  # attention-map chunk size (memory)
         probe_epochs: int = 5,  # FFT stage `probe` (RAda); `finetune` (RAda-FT) runs to max_epochs
+        probe_schedule_epochs: int = 10,  # App. C: the probe's lr follows RAda's 10-epoch schedule, cut at probe_epochs
         probe_lr: float = 4e-3,  # App. C
         finetune_lr: float = 4e-6,  # App. C
         ttt_views: int = 64,  # V, original + 63 augmented
@@ -79,6 +83,11 @@ class RAda(AdaptationModule):
             raise ValueError(f"setting must be eft|fft|ttt and ttt_mode batched|loop, got {setting!r}, {ttt_mode!r}")
         if mask_reg not in MASK_REGULARIZERS:
             raise ValueError(f"mask_reg must be one of {MASK_REGULARIZERS}, got {mask_reg!r}")
+        if setting == "fft" and probe_schedule_epochs < probe_epochs:
+            raise ValueError(
+                f"probe_schedule_epochs={probe_schedule_epochs} is shorter than probe_epochs={probe_epochs}: the "
+                f"probe's lr would sit at 0 for its last epochs; set probe_schedule_epochs >= probe_epochs"
+            )
         self.adapter = RationalAdapter(self.clip.embed_dim, num_heads, temperature, queries, mask_net, max_map_elements)
         if init_checkpoint:
             # Your own EFT run's Lightning checkpoint (it pickles hyperparameters, hence weights_only=False).
@@ -95,8 +104,9 @@ class RAda(AdaptationModule):
     @property
     def stages(self) -> tuple[Stage, ...]:
         if self.hparams.setting == "fft":
-            return (Stage("probe", self.hparams.probe_epochs, self.hparams.probe_lr),
-                    Stage("finetune", -1, self.hparams.finetune_lr))  # fmt: skip
+            hp = self.hparams
+            return (Stage("probe", hp.probe_epochs, hp.probe_lr, schedule_epochs=hp.probe_schedule_epochs),
+                    Stage("finetune", -1, hp.finetune_lr))  # fmt: skip
         return super().stages
 
     def trainable(self, stage: str) -> Iterable[nn.Parameter]:
