@@ -149,6 +149,16 @@ def test_a_run_too_short_for_stage_two_or_without_adam_fails_clearly(tiny_data, 
         cpu_trainer(max_epochs=2).fit(sgd, tiny_data)
 
 
+def test_random_selection_follows_the_run_seed_unless_one_is_given(tiny_data, monkeypatch):
+    picks = {}
+    for seed in (1, 2):
+        monkeypatch.setenv("PL_GLOBAL_SEED", str(seed))  # what seed_everything(data.seed) leaves
+        picks[seed] = build(tiny_data, scheme="random").selection
+    assert picks[1]["selected"] != picks[2]["selected"], "seeds 1 and 2 drew the same random control"
+    assert (picks[1]["selection_seed"], picks[2]["selection_seed"]) == (1, 2)  # selection.json says which
+    assert build(tiny_data, scheme="random", selection_seed=1).selection["selected"] == picks[1]["selected"]
+
+
 # ---- losses and teacher ----
 
 

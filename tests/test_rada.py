@@ -193,6 +193,20 @@ def test_ttt_views_keep_the_original_and_follow_the_image(tiny_data):
         assert 0 <= top and top + h <= 32 and 0 <= left and left + w <= 24 and h > 0 and w > 0
 
 
+def test_ttt_views_follow_the_run_seed_unless_one_is_given(tiny_data, monkeypatch):
+    x = torch.randn(2, 3, 32, 32)
+    views = {}
+    for seed in (1, 2):
+        monkeypatch.setenv("PL_GLOBAL_SEED", str(seed))  # what seed_everything(data.seed) leaves
+        views[seed] = ttt_model(tiny_data, ttt_views=8)._views(x)
+    assert not torch.equal(views[1], views[2]), "seeds 1 and 2 drew the same TTT views"
+    assert torch.equal(ttt_model(tiny_data, ttt_views=8, ttt_seed=1)._views(x), views[1])  # explicit wins
+    monkeypatch.delenv("PL_GLOBAL_SEED")
+    assert torch.equal(
+        ttt_model(tiny_data, ttt_views=8)._views(x), ttt_model(tiny_data, ttt_views=8, ttt_seed=0)._views(x)
+    )
+
+
 def test_ttt_starts_from_an_eft_checkpoint(tiny_data, tmp_path):
     eft = build(RAda, tiny_data)
     with torch.no_grad():

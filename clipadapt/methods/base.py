@@ -42,6 +42,11 @@ class Stage(NamedTuple):
     schedule_epochs: int | None = None
 
 
+def run_seed(default: int = 0) -> int:
+    """The run's global seed (`seed_everything`, which the CLI sets from `data.seed`), else `default`."""
+    return int(os.environ.get("PL_GLOBAL_SEED", default))
+
+
 def harmonic_mean(base: float, novel: float) -> float:
     """HM = 2BN / (B + N), the base-to-novel summary (0 when both are 0)."""
     return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0

@@ -18,6 +18,8 @@ Decisions the paper leaves open (spec "Decision"s, each an option): bias-correct
 (`importance`), tensor units with optional q/k/v rows (`split_qkv`), restart from the pretrained
 weights (`restart_from_pretrained`), λ = 10 / 25 / 1 (PromptSRC), student prompt "a photo of a {}.".
 Controls: `scheme` bitfit | random (no probe), `granularity` global, `encoders` image | text.
+`selection_seed` of the random scheme defaults to the run's seed (`data.seed` under the CLI); an
+explicit value wins.
 
 State: the selection and the teacher text features are method state (checkpoints), so a resumed
 stage-2 run keeps its selection and skips the probe. The frozen image tower is *not* in the state
@@ -41,7 +43,7 @@ from torch import Tensor, nn
 
 from clipadapt.data.templates import PROMPTSRC_TEMPLATES
 from clipadapt.losses import consistency_kl, consistency_l1
-from clipadapt.methods.base import AdaptationModule, Stage
+from clipadapt.methods.base import AdaptationModule, Stage, run_seed
 from clipadapt.selection import (
     block_units,
     filter_encoders,
@@ -73,7 +75,7 @@ class CLIPAST(AdaptationModule):
         image_consistency_weight: float = 10.0,
         text_consistency_weight: float = 25.0,
         logit_consistency_weight: float = 1.0,
-        selection_seed: int = 0,
+        selection_seed: int | None = None,
         prompts: str = "simple",
         **kwargs: Any,
     ) -> None:
@@ -91,7 +93,7 @@ class CLIPAST(AdaptationModule):
             image_consistency_weight: λ1, Eq. 11 (L1 to the frozen image features).
             text_consistency_weight: λ2, Eq. 11 (L1 to the 60-template teacher text features).
             logit_consistency_weight: λ3, Eq. 11 (KL from the frozen model's class distribution).
-            selection_seed: seed of the random scheme.
+            selection_seed: seed of the random scheme; None: the run's seed (`data.seed` under the CLI).
             prompts: the student's text prompts (default "a photo of a {}."; `dataset` for CoOp's).
             **kwargs: the AdaptationModule options (arch, pretrained, optimizer, warmup, ...).
         """
@@ -104,6 +106,8 @@ class CLIPAST(AdaptationModule):
             )
         if scheme == "adaptive" and probe_epochs < 1:
             raise ValueError("the adaptive scheme needs probe_epochs >= 1")
+        # The random control follows the run's seed: a fixed draw for every seed would understate the spread.
+        self.selection_seed = run_seed() if selection_seed is None else selection_seed
         model = self.clip.model
         self.units = block_units(((n, p.shape) for n, p in model.named_parameters()), split_qkv)
         self.candidates = filter_encoders(self.units, encoders)
@@ -235,13 +239,14 @@ class CLIPAST(AdaptationModule):
 
     def _make_selection(self, scores: dict[str, float] | None) -> dict[str, Any]:
         hp = self.hparams
-        selected = select_units(self.candidates, hp.scheme, hp.granularity, hp.top_k, scores, hp.selection_seed)
+        selected = select_units(self.candidates, hp.scheme, hp.granularity, hp.top_k, scores, self.selection_seed)
         shapes = {n: p.shape for n, p in self.clip.model.named_parameters()}
         chosen = set(selected)
         count = sum(_numel(shapes[u.param], u.rows) for u in self.units if u.name in chosen)
-        options = ("scheme", "granularity", "top_k", "encoders", "importance", "split_qkv", "selection_seed")
+        options = ("scheme", "granularity", "top_k", "encoders", "importance", "split_qkv")
         return {
             **{k: hp[k] for k in options},
+            "selection_seed": self.selection_seed,
             "selected": selected,
             "trainable_params": count,
             "scores": None if scores is None else {k: (None if math.isinf(v) else v) for k, v in scores.items()},

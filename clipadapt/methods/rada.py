@@ -27,6 +27,8 @@ Deliberate deviations:
   roi_align (box edges sample the neighbouring pixels instead of clamping to the crop).
 - Each image's views are seeded from a hash of its pixels (+ `ttt_seed`), not a global RNG, so a
   prediction does not depend on the order or batching of the test set (identical images share views).
+  `ttt_seed` defaults to the run's seed (`data.seed` under the CLI), so runs over seeds 1-3 differ in
+  their views too and the seed-to-seed spread is not understated; an explicit value wins.
 - TTT loss is the entropy alone (spec); the mask regularizer is not added at test time.
 """
 
@@ -45,7 +47,7 @@ from torch.optim.adamw import adamw
 from torchvision.ops import roi_align
 
 from clipadapt.losses import MASK_REGULARIZERS, entropy, marginal_entropy, mask_regularizer
-from clipadapt.methods.base import AdaptationModule, Stage
+from clipadapt.methods.base import AdaptationModule, Stage, run_seed
 from clipadapt.models.rational import QUERIES, RationalAdapter
 
 
@@ -73,7 +75,7 @@ class RAda(AdaptationModule):
         ttt_lr: float = 8e-4,  # §4.3
         ttt_weight_decay: float = 0.01,  # torch AdamW default, as TPT
         ttt_mode: str = "batched",  # batched | loop
-        ttt_seed: int = 0,
+        ttt_seed: int | None = None,  # None: the run's seed (data.seed under the CLI)
         init_checkpoint: str | None = None,  # RAda†: adapter weights from an EFT checkpoint
         **kwargs: Any,
     ) -> None:
@@ -88,6 +90,8 @@ class RAda(AdaptationModule):
                 f"probe_schedule_epochs={probe_schedule_epochs} is shorter than probe_epochs={probe_epochs}: the "
                 f"probe's lr would sit at 0 for its last epochs; set probe_schedule_epochs >= probe_epochs"
             )
+        # Seeds the TTT views: following the run's seed, seed-to-seed variance includes the views' randomness.
+        self.ttt_seed = run_seed() if ttt_seed is None else ttt_seed
         self.adapter = RationalAdapter(self.clip.embed_dim, num_heads, temperature, queries, mask_net, max_map_elements)
         if init_checkpoint:
             # Your own EFT run's Lightning checkpoint (it pickles hyperparameters, hence weights_only=False).
@@ -185,7 +189,7 @@ class RAda(AdaptationModule):
         size, count = images.shape[-1], self.hparams.ttt_views - 1
         boxes, flips = [], []
         for n, image in enumerate(images):
-            key = hashlib.blake2b(str(self.hparams.ttt_seed).encode(), digest_size=7)
+            key = hashlib.blake2b(str(self.ttt_seed).encode(), digest_size=7)
             key.update(image.detach().float().cpu().numpy().tobytes())
             generator = torch.Generator().manual_seed(int.from_bytes(key.digest(), "little"))
             for _ in range(count):
