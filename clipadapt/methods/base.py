@@ -111,6 +111,7 @@ class AdaptationModule(L.LightningModule):
         self.test_accs = nn.ModuleList()
         self.stage: str | None = None  # set at fit start, or restored from a checkpoint
         self._text_cache: dict[tuple, Tensor] = {}
+        self._last_val_acc: float | None = None  # of the last validation outside sanity checks (run_summary)
 
     # ---- what a method says ----
 
@@ -174,6 +175,11 @@ class AdaptationModule(L.LightningModule):
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         """Restore `method_state()`; runs before the stage's parameters are chosen on resume."""
+
+    def run_summary(self) -> dict[str, Any]:
+        """Final facts of the run written into test_metrics.json beside the test metrics; methods add theirs."""
+        # The val accuracy lets `clipadapt report --select-by val` choose a grid value without looking at test.
+        return {} if self._last_val_acc is None else {"val/acc": self._last_val_acc}
 
     # ---- shared plumbing: methods do not override below this line ----
 
@@ -306,6 +312,8 @@ class AdaptationModule(L.LightningModule):
         correct, total = self.val_acc.compute().tolist()
         if total:  # sanity checks may see no batch at all
             self.log("val/acc", 100 * correct / total, prog_bar=True)
+            if not self.trainer.sanity_checking:
+                self._last_val_acc = 100 * correct / total
         self.val_acc.reset()
 
     def _eval_sets(self) -> list:
@@ -337,7 +345,7 @@ class AdaptationModule(L.LightningModule):
             metrics["test/hm"] = harmonic_mean(accs["base"], accs["novel"])
         for key, value in metrics.items():
             self.log(key, value, add_dataloader_idx=False)
-        self.write_json("test_metrics.json", metrics)
+        self.write_json("test_metrics.json", metrics | self.run_summary())
 
     def write_json(self, name: str, payload: Any) -> None:
         """`payload` as `<run dir>/<name>`, written by rank 0; every rank must call it."""
