@@ -20,7 +20,8 @@ softmax over the distinct class prompts of the batch, text→image keeps only ot
 negatives, both a mean over the images as Eq. 4 sums per (image, class) pair
 (losses.class_contrastive_loss); under DDP, SCL's batch is the images of all ranks (gathered with
 their gradient), so the loss and its gradient do not change with the number of devices; VLD has
-temperature 1 and a batch mean; AdamW with weight decay 0.01 and one linear warmup epoch. Implementation choices (not in the paper):
+temperature 1 and a batch mean; AdamW with weight decay 0.01 and one linear warmup epoch.
+Implementation choices (not in the paper):
 - Losses are batch means (the paper writes sums), which only rescales the learning rate.
 - With `eval_head: head`, W is interpolated with its initialisation like the towers (in WiSE-FT the
   head is part of θ); the towers are interpolated in every case.
