@@ -209,14 +209,26 @@ def report_main(argv: Sequence[str]) -> None:
     )
     parser.add_argument("runs", nargs="?", default="runs", help="root of the run folders (default: runs)")
     parser.add_argument("--out", help="folder for report.md and the CSVs (default: RUNS)")
+    parser.add_argument(
+        "--select-by",
+        choices=["val"],
+        help="also pick, per dataset and shots, the --grid value with the best seed-mean val accuracy "
+        "(e.g. Adapt's T_target over adapt-target_length_* folders) and tabulate its test accuracy",
+    )
     args = parser.parse_args(argv)
     results = experiments.read_results(Path(args.runs))
     if not results:
         sys.exit(f"clipadapt report: no finished run (test_metrics.json) under {args.runs}")
+    selected = experiments.selection_tables(results) if args.select_by else []
+    if args.select_by and not selected:
+        sys.exit(
+            f"clipadapt report: --select-by val found no grid runs under {args.runs} (method folders such as "
+            "adapt-target_length_64, written by `clipadapt sweep --grid`); sweep a grid or drop --select-by"
+        )
     out = Path(args.out or args.runs)
     out.mkdir(parents=True, exist_ok=True)
     markdown = []
-    for table in experiments.tables(results):
+    for table in experiments.tables(results) + selected:
         markdown.append(experiments.to_markdown(table))
         (out / f"{experiments.table_slug(table)}.csv").write_text(experiments.to_csv(table))
     text = "\n".join(markdown)

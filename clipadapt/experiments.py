@@ -5,9 +5,19 @@ what they are, `<out>/<method>/<protocol>/<dataset>/shots_<K>/seed_<S>/`; a run 
 `test_metrics.json` exists there. The report reads those folders (saved `config.yaml` + final metrics)
 and builds the papers' tables: few-shot accuracy, base/novel/HM, ImageNet -> OOD. Everything but the
 file reading is a pure function of plain data.
+
+Selection on validation (`clipadapt report --select-by val`, e.g. Adapt's "adaptive T_target"): among the
+values of a grid (method folders `adapt-target_length_64`, `adapt-target_length_128`, ...), each
+(dataset, shots) cell takes the value with the best val accuracy (`val/acc` of each run's last
+validation; test accuracy is never looked at) and reports that value's test accuracy, mean ± std over
+seeds. Decision: one value per (dataset, shots), chosen on the seed-mean val accuracy, as the paper
+picks one T_target per dataset, so the std is the seed spread of one configuration. Ties go to the first
+value in natural order (64 before 128). A cell where any grid value lacks a seed or a val accuracy is
+left empty: no choice is made from part of a grid.
 """
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -30,6 +40,7 @@ PAPER_DATASETS = (
 )  # fmt: skip
 OOD_SETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 METRICS_FILE = "test_metrics.json"
+VAL_KEY = "val/acc"  # the last validation accuracy of a run, in test_metrics.json (AdaptationModule.run_summary)
 
 
 @dataclass(frozen=True)
@@ -214,8 +225,8 @@ def _acc(results: list[Result], key: str) -> tuple[float, float] | None:
     return mean_std([r.metrics[key] for r in results if key in r.metrics])
 
 
-Cell = tuple[float, float] | float | None
-Table = dict[str, Any]  # {"title", "kind": fewshot | base2novel | ood, "columns", "rows": [(label, [Cell, ...])]}
+Cell = tuple[float, float] | float | str | None  # mean ± std, a derived value, a grid value chosen, or a gap
+Table = dict[str, Any]  # {"title", "kind": fewshot | base2novel | ood | choice, "columns", "rows": [(label, [Cell])]}
 
 
 def _average(rows: list[list[Cell]], column: int) -> float | None:
@@ -294,10 +305,79 @@ def tables(results: list[Result]) -> list[Table]:
     return out
 
 
+# ---- selection on validation ----
+
+
+def split_variant(method: str) -> tuple[str, str]:
+    """`adapt-target_length_64` -> (`adapt`, `target_length_64`): a sweep's method folder and its grid value."""
+    base, _, variant = method.partition("-")
+    return base, variant
+
+
+def _natural(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def choose_by_val(results: list[Result]) -> dict[tuple[str, str, str, int], str | None]:
+    """(method, protocol, dataset, shots) -> the grid value with the best seed-mean val accuracy, or None.
+
+    Only runs with a grid value compete. None where a grid value of the method lacks a run or a val
+    accuracy for a seed that another value has in the cell. Ties go to the first value in natural order.
+    """
+    grids: dict[tuple[str, str], set[str]] = {}
+    cells: dict[tuple[str, str, str, int], dict[str, dict[int, float | None]]] = {}
+    for r in results:
+        base, variant = split_variant(r.method)
+        if variant:
+            grids.setdefault((base, r.protocol), set()).add(variant)
+            cell = cells.setdefault((base, r.protocol, r.dataset, r.shots), {})
+            cell.setdefault(variant, {})[r.seed] = r.metrics.get(VAL_KEY)
+    choices = {}
+    for key, cell in cells.items():
+        variants = sorted(grids[key[:2]], key=_natural)
+        seeds = set().union(*cell.values())
+        complete = all(set(cell.get(v, {})) == seeds and None not in cell[v].values() for v in variants)
+        choices[key] = max(variants, key=lambda v: statistics.fmean(cell[v].values())) if complete else None
+    return choices
+
+
+def selection_tables(results: list[Result]) -> list[Table]:
+    """Per gridded (method, protocol): the value chosen by val per dataset and shots, then the tables of its tests.
+
+    The chosen runs are relabelled `<method> (best val)`; an undecided cell stays a gap (and so does any
+    average over it).
+    """
+    choices = choose_by_val(results)
+    chosen = []
+    for r in results:
+        base, variant = split_variant(r.method)
+        if variant and choices.get((base, r.protocol, r.dataset, r.shots)) == variant:
+            chosen.append(dataclasses.replace(r, method=f"{base} (best val)"))
+    for (base, protocol, dataset, shots), variant in choices.items():
+        if variant is None:  # an empty run keeps the cell, as a gap
+            chosen.append(Result(f"{base} (best val)", protocol, dataset, shots, 0))
+    out = []
+    for base, protocol in sorted({key[:2] for key in choices}):
+        cells = {key[2:]: v for key, v in choices.items() if key[:2] == (base, protocol)}
+        shots = sorted({k for _, k in cells})
+        datasets = _ordered({d for d, _ in cells})
+        out.append(
+            {
+                "title": f"{base} — {protocol}: grid value chosen by val accuracy",
+                "kind": "choice",
+                "columns": [_shots(k) for k in shots],
+                "rows": [(d, [cells.get((d, k)) for k in shots]) for d in datasets],
+            }
+        )
+    return out + tables(chosen)
+
+
 def format_cell(cell: Cell) -> str:
-    """`71.23 ± 0.45`, `71.23` or empty (a gap, never a zero)."""
+    """`71.23 ± 0.45`, `71.23`, a chosen grid value, or empty (a gap, never a zero)."""
     if cell is None:
         return ""
+    if isinstance(cell, str):
+        return cell
     return f"{cell[0]:.2f} ± {cell[1]:.2f}" if isinstance(cell, tuple) else f"{cell:.2f}"
 
 
@@ -318,7 +398,8 @@ def to_csv(table: Table) -> str:
         flat = []
         for c in cells:
             mean, std = c if isinstance(c, tuple) else (c, None)
-            flat += ["" if mean is None else f"{mean:.4f}", "" if std is None else f"{std:.4f}"]
+            value = mean if isinstance(mean, str) or mean is None else f"{mean:.4f}"
+            flat += ["" if value is None else value, "" if std is None else f"{std:.4f}"]
         writer.writerow([label, *flat])
     return buffer.getvalue()
 

@@ -77,8 +77,9 @@ def class_contrastive_loss(
     `text_features` (K, D) are the prompts of the K distinct classes of the batch and `targets` (B,)
     the row of each image's class. image→text: cross-entropy over the K prompts. text→image: for
     image i of class c, −log of exp(s·cos(T_c, I_i)) over itself plus the images of *other* classes
-    (same-class duplicates are neither positives nor negatives), averaged over the images of c and
-    then over the classes present. A batch of one class gives 0 in both directions, not NaN.
+    (same-class duplicates are neither positives nor negatives). Eq. 4 sums these terms over the
+    (image, class) pairs of the batch, so both directions are means over the B images: a class weighs
+    by its image count. A batch of one class gives 0 in both directions, not NaN.
     """
     images = F.normalize(image_features, dim=-1)  # (B, D)
     texts = F.normalize(text_features, dim=-1)  # (K, D)
@@ -90,12 +91,7 @@ def class_contrastive_loss(
     other_class = targets[None, :] != targets[:, None]  # (B, B)
     keep = other_class | torch.eye(len(targets), dtype=torch.bool, device=targets.device)
     per_image = rows.masked_fill(~keep, float("-inf")).logsumexp(dim=1) - positive  # (B,), never empty
-    num_classes = len(texts)
-    counts = torch.zeros(num_classes, device=logits.device).index_add_(0, targets, torch.ones_like(positive))
-    per_class = torch.zeros_like(counts).index_add_(0, targets, per_image)  # (K,) sums
-    present = counts > 0
-    text_to_image = (per_class[present] / counts[present]).mean()
-    return (image_to_text + text_to_image) / 2
+    return (image_to_text + per_image.mean()) / 2
 
 
 def similarity_distillation_loss(logits: Tensor, teacher_logits: Tensor) -> Tensor:

@@ -11,7 +11,13 @@ Deliberate choices the paper leaves open: the W-vector is reduced by its mean (o
 768-wide image tower and the 512-wide text tower compare fairly in one ranking; scores are summed over
 the n_k steps of a window (Σ|g ⊙ P|, not |Σg| ⊙ |P|); ties are broken by position (tower order, then
 block, then token), so every rank decides the same.
+
+Reaching T_target: a schedule of W pruning steps (one per n_k optimizer steps after the warmup epochs)
+prunes at most W·r_p tokens (per tower, for a per-tower budget). `pruning_rate` is the smallest r_p that
+gets there in W steps, `live_after` what a given r_p leaves.
 """
+
+import math
 
 import torch
 from torch import Tensor
@@ -78,6 +84,29 @@ def prune_step(
         new[tower] = flat_masks[start : start + size].view_as(masks[tower]).to(masks[tower].device)
         start += size
     return new
+
+
+def _excess(pool: dict[str, int], target: int | dict[str, int]) -> dict[str, int]:
+    """Tokens to prune: one global count (key "all"), or one per tower for a per-tower budget."""
+    if isinstance(target, dict):
+        return {tower: max(0, size - target[tower]) for tower, size in pool.items()}
+    return {"all": max(0, sum(pool.values()) - target)}
+
+
+def pruning_rate(pool: dict[str, int], target: int | dict[str, int], windows: int) -> int:
+    """Smallest r_p that prunes `pool` (tower -> tokens at start) down to `target` in `windows` pruning steps."""
+    worst = max(_excess(pool, target).values())
+    if worst == 0:
+        return 0
+    if windows < 1:
+        raise ValueError(f"{worst} tokens to prune but no pruning step")
+    return math.ceil(worst / windows)
+
+
+def live_after(pool: dict[str, int], target: int | dict[str, int], windows: int, rate: int) -> int:
+    """Live tokens (all towers) after `windows` pruning steps of up to `rate` tokens each, never below `target`."""
+    pruned = sum(min(count, windows * rate) for count in _excess(pool, target).values())
+    return sum(pool.values()) - pruned
 
 
 def live_per_layer(masks: dict[str, Tensor]) -> dict[str, list[int]]:

@@ -23,8 +23,10 @@ TINY = {"arch": "clipadapt-tiny", "pretrained": None}
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
+    # seed_everything (every CLI run) leaves PL_GLOBAL_SEED behind, and seeds default to it: start without.
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pytest
 import torch
 from doubles import ddp_trainer, tiny_datamodule
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from clipadapt.cli import main
 from clipadapt.data import CLIPDataModule, write_synthetic
+from clipadapt.errors import ClipAdaptError
 from clipadapt.methods.adapt import Adapt
 from clipadapt.models import CLIPBackbone
 from clipadapt.models.prompts import CompactPrompts
@@ -92,13 +95,73 @@ def test_pruning_reaches_target_on_schedule_and_resumes_with_identical_masks(tin
 
 
 def test_per_branch_budget_and_no_pruning_before_warmup(tiny_data, cpu_trainer):
-    model = make_adapt(tiny_data, budget="per_branch", text_budget_ratio=0.25, score="l2", prune_after_epochs=1)
-    cpu_trainer(max_epochs=1, limit_val_batches=0).fit(model, tiny_data)
-    assert model.kv_prompts.live() == 16 and int(model.score_steps) == 0  # warmup only: nothing scored
+    class AfterWarmup(Callback):
+        def on_train_epoch_end(self, trainer: L.Trainer, module: Adapt) -> None:
+            if trainer.current_epoch == 0:
+                self.state = (module.kv_prompts.live(), int(module.score_steps), float(module.score_image.sum()))
+
+    warmup = AfterWarmup()
+    model = make_adapt(tiny_data, budget="per_branch", text_budget_ratio=0.25, score="l2", accumulate_steps=1)
+    cpu_trainer(max_epochs=2, limit_val_batches=0, callbacks=[warmup]).fit(model, tiny_data)
+    assert warmup.state == (16, 0, 0.0)  # the warmup epoch scored and pruned nothing
     model = make_adapt(tiny_data, budget="per_branch", text_budget_ratio=0.25, score="grad", prune_after_epochs=0)
     cpu_trainer(max_epochs=6, limit_val_batches=0).fit(model, tiny_data)
     masks = model.kv_prompts.masks()
     assert (int(masks["image"].sum()), int(masks["text"].sum())) == (4, 2)  # round(0.25 · 6) = 2 text tokens
+
+
+def test_a_target_at_or_above_the_prompt_pool_is_refused(tiny_data, cpu_trainer, tmp_path):
+    def fit(**overrides: Any) -> None:
+        cpu_trainer(max_epochs=6, limit_val_batches=0).fit(make_adapt(tiny_data, **overrides), tiny_data)
+
+    with pytest.raises(ClipAdaptError, match="at or above the 16 prompt tokens"):  # 2 + 2 blocks x ξ=4
+        fit(target_length=16)
+    with pytest.raises(ClipAdaptError, match="text tower 9 .* its 8 prompt tokens"):  # round(0.75 · 12) = 9 > 8
+        fit(target_length=12, budget="per_branch", text_budget_ratio=0.75)
+    fit(target_length=15)
+
+    # Through the CLI: the shipped config's T_target=128 on the tiny model's 2 x 2 x 16 = 64 tokens, one line.
+    write_synthetic(tmp_path / "data", "oxford_pets")
+    configs = [
+        "--config",
+        str(REPO / "configs" / "adapt_fewshot.yaml"),
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+    ]
+    with pytest.raises(SystemExit, match=r"^clipadapt: error: Adapt: target_length=128 is at or above the 64 prompt"):
+        main(
+            ["fit", *configs, "--data.root", str(tmp_path / "data"), "--data.cache_dir", str(tmp_path / "cache")]
+            + ["--trainer.default_root_dir", str(tmp_path)]
+        )
+
+
+def test_an_unreachable_target_raises_the_rate_or_is_refused(tiny_data, cpu_trainer, tmp_path):
+    # 3 epochs: (3 - 1 warmup) x 3 steps // n_k=2 = 3 pruning steps; r_p=2 would leave 16 - 6 = 10 > 6.
+    with pytest.raises(ClipAdaptError, match="leave 10 of 16 .* prune_per_step >= 4"):
+        cpu_trainer(max_epochs=3, limit_val_batches=0).fit(make_adapt(tiny_data, unreachable="error"), tiny_data)
+    with pytest.raises(ClipAdaptError, match="0 pruning steps"):  # the warmup takes every epoch
+        cpu_trainer(max_epochs=3, limit_val_batches=0).fit(make_adapt(tiny_data, prune_after_epochs=3), tiny_data)
+
+    model = make_adapt(tiny_data)
+    trainer = cpu_trainer(max_epochs=3)
+    with pytest.warns(UserWarning, match="leave 10 of 16 .* pruning 4 tokens per step instead"):
+        trainer.fit(model, tiny_data)
+    assert model.prune_rate == 4 and model.kv_prompts.live() == 6  # ceil(10 / 3) = 4: 4 + 4 + 2
+    assert json.loads((tmp_path / "masks.json").read_text())["prune_per_step"] == 4
+    trainer.test(model, tiny_data, verbose=False)
+    metrics = json.loads((tmp_path / "test_metrics.json").read_text())
+    assert metrics["prompts/live"] == 6 and 0 <= metrics["val/acc"] <= 100
+
+
+def test_target_epoch_reaches_the_target_early(tiny_data, cpu_trainer):
+    trace = Trace()
+    model = make_adapt(tiny_data, target_epoch=2)  # 1 pruning step in epoch 2: it must prune all 10
+    with pytest.warns(UserWarning, match="pruning 10 tokens per step"):
+        cpu_trainer(max_epochs=4, limit_val_batches=0, callbacks=[trace]).fit(model, tiny_data)
+    assert trace.live[4] == 16 and trace.live[5] == 6  # the one window (steps 3 and 4) prunes all 10 at once
+    assert model.kv_prompts.live() == 6
+    with pytest.raises(ClipAdaptError, match="target_epoch=5 is past trainer.max_epochs=4"):
+        cpu_trainer(max_epochs=4, limit_val_batches=0).fit(make_adapt(tiny_data, target_epoch=5), tiny_data)
 
 
 def test_frozen_backbone_and_export_reproduces_the_masked_logits(tiny_data, cpu_trainer):

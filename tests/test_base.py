@@ -1,5 +1,6 @@
 """The shared base and the two baselines: zero-shot logits, frozen towers, stages, schedule, resume."""
 
+import json
 import math
 from pathlib import Path
 
@@ -88,6 +89,25 @@ def test_test_logs_every_eval_set_and_hm(data_root, tmp_path, cpu_trainer):
     loaders = data.test_dataloader()
     assert results["test/base/count"] == len(loaders[0].dataset)
     assert results["test/novel/count"] == len(loaders[1].dataset)
+
+
+def test_test_metrics_record_the_last_validation_not_a_sanity_check(tiny_data, cpu_trainer, tmp_path: Path):
+    probe = build(LinearProbe, tiny_data, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    trainer = cpu_trainer(max_epochs=2)
+    trainer.fit(probe, tiny_data)
+    last_val = trainer.callback_metrics["val/acc"].item()  # logged as float32
+    trainer.test(probe, tiny_data, verbose=False)
+    metrics = json.loads((tmp_path / "test_metrics.json").read_text())
+    assert metrics["val/acc"] == pytest.approx(last_val, rel=1e-6) and "test/oxford_pets/acc" in metrics
+
+    # Only the sanity check validated (no validation epoch in a 1-epoch run checking every 2): no val/acc.
+    unvalidated = build(LinearProbe, tiny_data, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    trainer = cpu_trainer(
+        max_epochs=1, num_sanity_val_steps=1, check_val_every_n_epoch=2, default_root_dir=tmp_path / "b"
+    )
+    trainer.fit(unvalidated, tiny_data)
+    trainer.test(unvalidated, tiny_data, verbose=False)
+    assert "val/acc" not in json.loads((tmp_path / "b" / "test_metrics.json").read_text())
 
 
 def test_harmonic_mean_by_hand():

@@ -1,20 +1,31 @@
-"""CLIP-CITE: its three losses against hand-computed values, zero-shot start, what trains, the ensemble."""
+"""CLIP-CITE: its three losses against hand-computed values, zero-shot start, what trains, the ensemble, DDP.
+
+Run as a script (`python tests/test_cite.py OUT`) it is the 2-process DDP step of the DDP test.
+"""
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY
+from doubles import QUIET, ddp_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 
 from clipadapt.cli import main
 from clipadapt.data import CLIPDataModule
 from clipadapt.losses import alignment_loss, class_contrastive_loss, similarity_distillation_loss
 from clipadapt.methods.cite import CLIPCITE, weight_ensemble
 from clipadapt.methods.zeroshot import ZeroShotCLIP
+
+HERE = Path(__file__).resolve().parent
 
 # ---- losses ----
 
@@ -37,12 +48,13 @@ def test_class_contrastive_loss_by_hand():
     targets = torch.tensor([0, 1, 0])
     # image→text: softmax over the two class prompts
     i2t = (2 * math.log(1 + math.exp(-s)) + math.log(2)) / 3
-    # text→image, class 0: images 0 and 2, the only other-class image is 1 (cos 0 with T_0); I_0 is not
-    # a negative of I_2 nor the other way round.
-    class0 = (math.log(1 + math.exp(-s)) + math.log(1 + math.exp(-s * c))) / 2
-    # class 1: image 1 (cos 1), negatives I_0 (cos 0) and I_2 (cos c)
-    class1 = math.log(1 + math.exp(-s) + math.exp(s * c - s))
-    expected = (i2t + (class0 + class1) / 2) / 2
+    # text→image, one term per (image, class) pair of Eq. 4. Images 0 and 2 (class 0): the only
+    # other-class image is 1 (cos 0 with T_0); I_0 is not a negative of I_2 nor the other way round.
+    image0, image2 = math.log(1 + math.exp(-s)), math.log(1 + math.exp(-s * c))
+    # image 1 (class 1, cos 1 with T_1): negatives I_0 (cos 0) and I_2 (cos c)
+    image1 = math.log(1 + math.exp(-s) + math.exp(s * c - s))
+    # a mean over the 3 images, so class 0 weighs 2/3 (not the mean of per-class means, 0.5 each)
+    expected = (i2t + (image0 + image1 + image2) / 3) / 2
     got = class_contrastive_loss(images, text, targets, s)
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
@@ -208,3 +220,61 @@ def test_bad_options_fail_at_construction(tiny_data):
         build(tiny_data, ensemble_alpha=1.5)
     with pytest.raises(ValueError, match="class_template"):
         build(tiny_data, class_template="a photo.")
+
+
+# ---- DDP: the contrastive batch is the global batch ----
+
+
+class StepRecord(Callback):
+    """The gradients at the one optimizer step (all-reduced under DDP) and the SCL term logged with it."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+        self.scl = float("nan")
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, module: CLIPCITE, optimizer: Any) -> None:
+        self.grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: CLIPCITE, *args: Any) -> None:
+        self.scl = float(trainer.callback_metrics["train/scl"])
+
+
+def one_step(trainer: L.Trainer, record: StepRecord) -> None:
+    """One SGD step of CLIP-CITE over 8 fixed images (4 classes, repeated), split over the trainer's ranks."""
+    torch.manual_seed(0)
+    images = torch.randn(8, 3, 32, 32)
+    labels = torch.tensor([0, 0, 1, 2, 1, 0, 3, 3])  # rank 0 gets [0, 1, 1, 3], rank 1 [0, 2, 0, 3]
+    loader = DataLoader(TensorDataset(images, labels), batch_size=8 // trainer.world_size)  # no shuffle
+    model = CLIPCITE([f"class {i}" for i in range(4)], ["a photo of a {}."], **TINY, optimizer=torch.optim.SGD)
+    trainer.fit(model, loader)
+
+
+def test_two_processes_with_half_batches_give_the_one_process_gradients(tmp_path: Path):
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__)), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"cite{r}.pt") for r in (0, 1)]
+    record = StepRecord()
+    one_step(
+        L.Trainer(**(QUIET | dict(devices=1, max_epochs=1, default_root_dir=tmp_path, callbacks=[record]))), record
+    )
+    # SCL over the gathered 8 images is the one-process SCL on each rank; DVA and VLD are per-rank batch
+    # means that DDP's gradient mean turns into the mean over 8. Equal up to float32 summation order.
+    for rank in ranks:
+        assert rank["scl"] == pytest.approx(record.scl, rel=1e-5)
+        assert rank["grads"].keys() == record.grads.keys()
+        for name, grad in record.grads.items():
+            torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _ddp_main(out: Path) -> None:
+    record = StepRecord()
+    trainer = ddp_trainer(out, max_epochs=1, callbacks=[record])
+    one_step(trainer, record)
+    torch.save({"grads": record.grads, "scl": record.scl}, out / f"cite{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    _ddp_main(Path(sys.argv[1]))

@@ -1,6 +1,7 @@
 """CLIP-AST on the tiny model: stage invariants, restart, split q/k/v masks, resume, DDP, export, CLI ablations."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import clipadapt.methods.clip_ast as clip_ast
 from clipadapt.cli import main
 from clipadapt.data import CLIPDataModule, write_synthetic
 from clipadapt.data.templates import PROMPTSRC_TEMPLATES
+from clipadapt.errors import ClipAdaptError
 from clipadapt.losses import consistency_kl, consistency_l1
 from clipadapt.methods.base import Stage
 from clipadapt.methods.clip_ast import CLIPAST
@@ -71,7 +73,7 @@ def test_stage_two_trains_exactly_the_selection_from_the_pretrained_weights(tiny
     teacher = {n: p.detach().clone() for n, p in model.teacher_visual.named_parameters()}
     snaps = Snapshots()
     logger = TensorBoardLogger(tmp_path, name="tb")
-    trainer = cpu_trainer(max_epochs=3, callbacks=[snaps], logger=logger, log_every_n_steps=1)
+    trainer = cpu_trainer(max_epochs=2, callbacks=[snaps], logger=logger, log_every_n_steps=1)  # + the probe
     trainer.fit(model, tiny_data)
 
     block = {u.param for u in model.units}
@@ -107,7 +109,7 @@ def test_without_restart_stage_two_continues_from_the_probe(tiny_data, cpu_train
     model = build(tiny_data, restart_from_pretrained=False)
     init = weights(model)
     snaps = Snapshots()
-    cpu_trainer(max_epochs=2, callbacks=[snaps]).fit(model, tiny_data)
+    cpu_trainer(max_epochs=1, callbacks=[snaps]).fit(model, tiny_data)
     assert all(torch.equal(snaps.stage2_start[n], snaps.probe_end[n]) for n in init)
     assert any(not torch.equal(snaps.stage2_start[n], init[n]) for n in init)
 
@@ -115,7 +117,7 @@ def test_without_restart_stage_two_continues_from_the_probe(tiny_data, cpu_train
 def test_split_qkv_rows_outside_the_selection_stay_bitwise(tiny_data, cpu_trainer):
     model = build(tiny_data, split_qkv=True, top_k=3, weight_decay=0.5)  # strong decay would move masked rows
     init = weights(model)
-    cpu_trainer(max_epochs=3).fit(model, tiny_data)
+    cpu_trainer(max_epochs=2).fit(model, tiny_data)
     final = weights(model)
     assert len(model.units) == 4 * 16
     assert model._masks, "this seed should select some, not all, of q/k/v in some tensor"
@@ -142,11 +144,54 @@ def test_bitfit_has_no_probe_and_trains_the_biases(tiny_data, cpu_trainer):
 
 
 def test_a_run_too_short_for_stage_two_or_without_adam_fails_clearly(tiny_data, cpu_trainer):
-    with pytest.raises(ValueError, match="probe"):
-        cpu_trainer(max_epochs=1).fit(build(tiny_data), tiny_data)
+    with pytest.raises(ClipAdaptError, match="no selective epoch after the probe"):
+        cpu_trainer(max_epochs=0).fit(build(tiny_data), tiny_data)
     sgd = CLIPAST(tiny_data.classnames, tiny_data.templates, **TINY, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
     with pytest.raises(TypeError, match="AdamW"):
-        cpu_trainer(max_epochs=2).fit(sgd, tiny_data)
+        cpu_trainer(max_epochs=1).fit(sgd, tiny_data)
+
+
+class EpochsAndRates(Callback):
+    """The stage of every epoch and the learning rate of every selective step."""
+
+    def __init__(self) -> None:
+        self.stages: list[str] = []
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: CLIPAST, batch, batch_idx: int) -> None:
+        if batch_idx == 0:  # after the module's own epoch start, which switches the stage
+            self.stages.append(module.stage)
+        if module.stage == "selective":
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("scheme", ["adaptive", "random", "bitfit"])
+def test_max_epochs_counts_the_selective_epochs_of_every_scheme(scheme, tiny_data, cpu_trainer):
+    # Paper §4.1: 1 probe epoch + 30 epochs; the controls, which have no probe, train the same 30.
+    seen = EpochsAndRates()
+    trainer = cpu_trainer(max_epochs=2, limit_val_batches=0, callbacks=[seen])
+    trainer.fit(build(tiny_data, scheme=scheme, warmup_epochs=0), tiny_data)
+    assert seen.stages == ["probe"] * (scheme == "adaptive") + ["selective", "selective"]
+    # 3 steps per epoch: the selective cosine spans exactly its 2 epochs, whatever came before it.
+    assert seen.lrs == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(6)])
+    assert trainer.max_epochs == 2 + (scheme == "adaptive")
+
+    twice = cpu_trainer(max_epochs=2)  # setup runs once per fit: the probe is added once per trainer
+    model = build(tiny_data)
+    model.trainer = twice
+    model.setup("fit")
+    model.setup("fit")
+    assert twice.max_epochs == 3
+
+
+def test_random_selection_follows_the_run_seed_unless_one_is_given(tiny_data, monkeypatch):
+    picks = {}
+    for seed in (1, 2):
+        monkeypatch.setenv("PL_GLOBAL_SEED", str(seed))  # what seed_everything(data.seed) leaves
+        picks[seed] = build(tiny_data, scheme="random").selection
+    assert picks[1]["selected"] != picks[2]["selected"], "seeds 1 and 2 drew the same random control"
+    assert (picks[1]["selection_seed"], picks[2]["selection_seed"]) == (1, 2)  # selection.json says which
+    assert build(tiny_data, scheme="random", selection_seed=1).selection["selected"] == picks[1]["selected"]
 
 
 # ---- losses and teacher ----
@@ -197,7 +242,7 @@ def test_zero_weights_drop_the_teacher(tiny_data):
 def test_resume_from_stage_two_keeps_the_selection_and_skips_the_probe(tiny_data, cpu_trainer, tmp_path, monkeypatch):
     model = build(tiny_data)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    cpu_trainer(max_epochs=2, enable_checkpointing=True, callbacks=[ckpt]).fit(model, tiny_data)
+    cpu_trainer(max_epochs=1, enable_checkpointing=True, callbacks=[ckpt]).fit(model, tiny_data)  # probe + 1
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert saved["clipadapt"]["stage"] == "selective"
     assert saved["clipadapt"]["method"]["selection"] == model.selection
@@ -210,7 +255,7 @@ def test_resume_from_stage_two_keeps_the_selection_and_skips_the_probe(tiny_data
     torch.manual_seed(123)  # another random init: what survives must come from the checkpoint
     resumed = build(tiny_data)
     snaps = Snapshots()
-    trainer = cpu_trainer(max_epochs=3, callbacks=[snaps])
+    trainer = cpu_trainer(max_epochs=2, callbacks=[snaps])
     trainer.fit(resumed, tiny_data, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert snaps.stages == {"selective"}
     assert resumed.selection == model.selection
@@ -244,7 +289,7 @@ L.seed_everything(1)
 data = tiny_datamodule(root, out)
 model = clip_ast.CLIPAST(data.classnames, data.templates, arch="clipadapt-tiny", pretrained=None,
                          optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), probe_lr=1e-2)
-trainer = ddp_trainer(out, max_epochs=2)
+trainer = ddp_trainer(out, max_epochs=1)  # + the probe
 trainer.fit(model, data)
 rank = trainer.global_rank
 (out / f"selection{rank}.json").write_text(json.dumps(model.selection["selected"]))
@@ -272,7 +317,7 @@ def test_ddp_ranks_hold_rank_zeros_selection(tmp_path: Path):
 def test_export_loads_in_plain_open_clip_with_the_same_logits(tiny_data, cpu_trainer, tmp_path, capsys):
     model = build(tiny_data)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
-    cpu_trainer(max_epochs=2, enable_checkpointing=True, callbacks=[ckpt]).fit(model, tiny_data)
+    cpu_trainer(max_epochs=1, enable_checkpointing=True, callbacks=[ckpt]).fit(model, tiny_data)
     out = tmp_path / "tuned.pt"
     main(["export", "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(out)])
     assert "open_clip.create_model('clipadapt-tiny'" in capsys.readouterr().out
@@ -333,7 +378,7 @@ def test_ablation_flag_runs_through_the_cli(ablation: str, data_root: Path, tmp_
     main(
         ["fit", "--config", str(REPO / "configs" / "ast_fewshot.yaml"), "--config", str(REPO / "configs" / "tiny.yaml")]
         + ["--data.root", str(data_root), "--data.cache_dir", str(tmp_path / "cache")]
-        + ["--trainer.default_root_dir", str(tmp_path), *flags]
+        + ["--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1", *flags]  # 1 selective epoch
     )
     (run,) = sorted((tmp_path / "lightning_logs").glob("version_*"))
     selection = json.loads((run / "selection.json").read_text())

@@ -118,6 +118,80 @@ def test_report_reads_sweep_and_plain_run_folders(tmp_path: Path, capsys: pytest
     assert float(other["dtd"]["Base"]) == 1.0 and other["dtd"]["Novel"] == "" and other["dtd"]["HM"] == ""
 
 
+def grid_run(value: int, dataset: str, seed: int, val: float | None, test: float, shots: int = 16) -> Result:
+    metrics = {f"test/{dataset}/acc": test} | ({} if val is None else {"val/acc": val})
+    return Result(f"adapt-target_length_{value}", "fewshot", dataset, shots, seed, metrics)
+
+
+def test_select_by_val_picks_the_best_seed_mean_val_and_reports_its_test():
+    results = [
+        # dtd: 64 has the better seed-mean val (70 vs 65) though 128 has the better test: 64 is chosen.
+        grid_run(64, "dtd", 1, val=80.0, test=50.0),
+        grid_run(64, "dtd", 2, val=60.0, test=54.0),
+        grid_run(128, "dtd", 1, val=70.0, test=90.0),
+        grid_run(128, "dtd", 2, val=60.0, test=90.0),
+        # eurosat: a tie (75 each) goes to the first value in natural order, 64 (not "128" < "64" as text).
+        grid_run(64, "eurosat", 1, val=75.0, test=40.0),
+        grid_run(128, "eurosat", 1, val=75.0, test=99.0),
+        Result("adapt", "fewshot", "dtd", 16, 1, {"test/dtd/acc": 1.0, "val/acc": 100.0}),  # no grid value
+    ]
+    choices = experiments.choose_by_val(results)
+    assert choices == {
+        ("adapt", "fewshot", "dtd", 16): "target_length_64",
+        ("adapt", "fewshot", "eurosat", 16): "target_length_64",
+    }
+    chosen, accuracy = experiments.selection_tables(results)
+    assert chosen["kind"] == "choice" and dict(chosen["rows"]) == {
+        "dtd": ["target_length_64"],
+        "eurosat": ["target_length_64"],
+    }
+    assert accuracy["title"] == "adapt (best val) — fewshot accuracy (%)"
+    rows = dict(accuracy["rows"])
+    assert rows["dtd"] == [(52.0, 2.0)] and rows["eurosat"] == [(40.0, 0.0)]  # test mean ± std of the choice
+    assert rows["Average (2)"] == [46.0]
+    assert "| dtd | target_length_64 |" in experiments.to_markdown(chosen)
+    assert "target_length_64" in experiments.to_csv(chosen)
+
+
+def test_select_by_val_leaves_a_cell_of_a_partial_grid_empty():
+    results = [
+        grid_run(64, "dtd", 1, val=80.0, test=50.0),
+        grid_run(64, "dtd", 2, val=80.0, test=50.0),
+        grid_run(128, "dtd", 1, val=90.0, test=60.0),  # seed 2 of 128 is missing
+        grid_run(64, "eurosat", 1, val=None, test=40.0),  # ran without validation
+        grid_run(128, "eurosat", 1, val=70.0, test=45.0),
+        grid_run(64, "ucf101", 1, val=70.0, test=30.0),  # 128 never ran on ucf101
+        grid_run(64, "caltech101", 1, val=50.0, test=70.0),
+        grid_run(128, "caltech101", 1, val=60.0, test=80.0),
+    ]
+    choices = experiments.choose_by_val(results)
+    assert [choices[("adapt", "fewshot", d, 16)] for d in ("dtd", "eurosat", "ucf101")] == [None] * 3
+    assert choices[("adapt", "fewshot", "caltech101", 16)] == "target_length_128"
+    chosen, accuracy = experiments.selection_tables(results)
+    assert dict(chosen["rows"])["dtd"] == [None]
+    rows = dict(accuracy["rows"])
+    assert rows["caltech101"] == [(80.0, 0.0)] and rows["dtd"] == [None] and rows["ucf101"] == [None]
+    assert rows["Average (4)"] == [None]  # never an average over the decided cells only
+
+
+def test_report_select_by_val_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture):
+    data = {"subsample": "all", "num_shots": 16, "dataset": "dtd"}
+    for value, val, test in ((64, 60.0, 70.0), (128, 80.0, 65.0)):
+        for seed in (1, 2):
+            run = tmp_path / f"runs/adapt-target_length_{value}/fewshot/dtd/shots_16/seed_{seed}"
+            write_run(run, data | {"seed": seed}, {"test/dtd/acc": test + seed, "val/acc": val}, "x.Adapt")
+    cli.main(["report", str(tmp_path / "runs"), "--select-by", "val"])
+    out = capsys.readouterr().out
+    assert "| dtd | target_length_128 |" in out
+    assert "### adapt (best val) — fewshot accuracy (%)" in out and "| dtd | 66.50 ± 0.50 |" in out
+    assert (tmp_path / "runs/adapt_best_val_fewshot_accuracy.csv").is_file()
+
+    plain = tmp_path / "plain"
+    write_run(plain / "lightning_logs/version_0", data | {"seed": 1}, {"test/dtd/acc": 1.0}, "x.Adapt")
+    with pytest.raises(SystemExit, match="found no grid runs"):
+        cli.main(["report", str(plain), "--select-by", "val"])
+
+
 # ---- the real sweep on the tiny model ----
 
 

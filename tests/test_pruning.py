@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from clipadapt.pruning import accumulate, live_per_layer, prune_step, split_budget, token_scores
+from clipadapt.pruning import (
+    accumulate,
+    live_after,
+    live_per_layer,
+    prune_step,
+    pruning_rate,
+    split_budget,
+    token_scores,
+)
 
 
 def test_scores_reduce_over_the_width_by_mean_or_sum():
@@ -65,3 +73,23 @@ def test_per_branch_budget_prunes_each_tower_to_its_share():
     assert new["image"].tolist() == [[False, True, True, True]]
     assert new["text"].tolist() == [[True, False, False]]
     assert live_per_layer(new) == {"image": [3], "text": [1]}
+
+
+def test_the_papers_schedule_leaves_eurosat_above_target_and_the_rate_that_reaches_it():
+    # ViT-B/16: 12 blocks x ξ=16 per tower = 384 tokens. EuroSAT, 16 shots x 10 classes at batch 4:
+    # 40 steps per epoch, 95 epochs after the 5 warmup ones, one pruning per n_k=80 steps: 47 steps.
+    pool, windows = {"image": 192, "text": 192}, (100 - 5) * 40 // 80
+    assert windows == 47
+    assert live_after(pool, 128, windows, rate=4) == 384 - 47 * 4 == 196
+    assert pruning_rate(pool, 128, windows) == 6  # ceil(256 / 47): 47 x 6 = 282 >= 256
+    assert live_after(pool, 128, windows, rate=6) == 128
+    assert pruning_rate(pool, 128, 64) == 4  # 64 steps x 4 = 256: the paper's r_p suffices
+    assert pruning_rate(pool, 384, 0) == 0  # nothing to prune needs no pruning step
+
+
+def test_per_branch_rate_follows_the_tower_with_most_to_prune():
+    pool, target = {"image": 12, "text": 12}, {"image": 2, "text": 8}  # 10 and 4 tokens to prune
+    assert pruning_rate(pool, target, 3) == 4  # ceil(10 / 3); each tower prunes up to r_p of its own
+    assert live_after(pool, target, 3, rate=2) == (12 - 6) + 8  # image stops at 6, text reaches its 8
+    with pytest.raises(ValueError, match="no pruning step"):
+        pruning_rate(pool, target, 0)

@@ -1,12 +1,15 @@
 """RAda on the tiny model: zero-shot at init, what trains in EFT / FFT stages, resume, and TTT invariants."""
 
+import math
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 import yaml
 from conftest import TINY
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -100,6 +103,31 @@ def test_fft_probe_then_finetune_and_resume_across_the_boundary(tiny_data, cpu_t
     assert not changed & (text_names | {"clip.model.logit_scale"})
 
 
+class LearningRates(Callback):
+    """The learning rate of every optimizer step."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_fft_probe_follows_a_longer_cosine_cut_where_the_probe_ends(tiny_data, cpu_trainer):
+    # As RAda-FT starting from epoch 5 of a 10-epoch RAda run: a 1-epoch probe on a 2-epoch cosine.
+    kwargs = dict(setting="fft", prompts="simple", probe_epochs=1, probe_schedule_epochs=2, probe_lr=1e-2)
+    model = build(RAda, tiny_data, optimizer=adam(), finetune_lr=1e-3, warmup_epochs=0, **kwargs)
+    rates = LearningRates()
+    cpu_trainer(max_epochs=2, limit_val_batches=0, callbacks=[rates]).fit(model, tiny_data)
+    # 3 steps per epoch: the probe's cosine spans 6 steps and stops after 3 (its lr is then half, not 0);
+    # the finetune stage has its own cosine over its 3 steps.
+    probe = [1e-2 * 0.5 * (1 + math.cos(math.pi * s / 6)) for s in range(3)]
+    finetune = [1e-3 * 0.5 * (1 + math.cos(math.pi * s / 3)) for s in range(3)]
+    assert rates.lrs == pytest.approx(probe + finetune)
+    with pytest.raises(ValueError, match="probe_schedule_epochs=1 is shorter than probe_epochs=2"):
+        build(RAda, tiny_data, **(kwargs | dict(probe_epochs=2, probe_schedule_epochs=1)))
+
+
 def test_fft_head_rows_serve_any_subset_of_the_training_classes(tiny_data):
     model = build(RAda, tiny_data, setting="fft")
     with torch.no_grad():
@@ -163,6 +191,20 @@ def test_ttt_views_keep_the_original_and_follow_the_image(tiny_data):
     for _ in range(50):
         top, left, h, w = random_resized_crop_box(32, 24, generator)
         assert 0 <= top and top + h <= 32 and 0 <= left and left + w <= 24 and h > 0 and w > 0
+
+
+def test_ttt_views_follow_the_run_seed_unless_one_is_given(tiny_data, monkeypatch):
+    x = torch.randn(2, 3, 32, 32)
+    views = {}
+    for seed in (1, 2):
+        monkeypatch.setenv("PL_GLOBAL_SEED", str(seed))  # what seed_everything(data.seed) leaves
+        views[seed] = ttt_model(tiny_data, ttt_views=8)._views(x)
+    assert not torch.equal(views[1], views[2]), "seeds 1 and 2 drew the same TTT views"
+    assert torch.equal(ttt_model(tiny_data, ttt_views=8, ttt_seed=1)._views(x), views[1])  # explicit wins
+    monkeypatch.delenv("PL_GLOBAL_SEED")
+    assert torch.equal(
+        ttt_model(tiny_data, ttt_views=8)._views(x), ttt_model(tiny_data, ttt_views=8, ttt_seed=0)._views(x)
+    )
 
 
 def test_ttt_starts_from_an_eft_checkpoint(tiny_data, tmp_path):

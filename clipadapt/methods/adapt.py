@@ -16,23 +16,44 @@ pruned token is dropped from K/V. The LR warmup of the base (`warmup_epochs`) an
 (`prune_after_epochs`, the paper's "warmup epochs") are separate options. The angular distillation
 loss of the TMLR version is not implemented (CE only, as in the ICLR version).
 
+Reaching T_target (not in the paper, whose r_p = 4, n_k = 80 leave EuroSAT at 16 shots and batch 4,
+40 steps per epoch, with 47 pruning steps: 196 of 384 tokens instead of 128). At fit start the
+schedule is checked with the real optimizer steps per epoch: by `target_epoch` (default: the last) it
+has W = ⌊(target_epoch − prune_after_epochs) · steps / n_k⌋ pruning steps. If W·r_p cannot reach
+T_target, `unreachable: raise_rate` (default) prunes ⌈excess / W⌉ tokens per step instead, with a
+warning; `error` refuses. The pruning rate is what is derived, not n_k: n_k is the paper's number
+of minibatches a score is summed over (the quality of the ranking), r_p only how many tokens a step
+removes. The paper's r_p is kept wherever it suffices. A `target_length` at or above the prompt pool
+(Σ blocks · ξ, per tower under `per_branch`) would prune nothing and is refused at fit start too.
+
 State: masks, score accumulators and the step counter are buffers, so checkpoints resume mid-window.
-Outputs: masks.json in the run dir, TensorBoard mask images and per-block live counts, the live
-parameter count and the extra K/V cost; `export_state_dict` keeps only live tokens.
+Outputs: masks.json in the run dir (with the r_p in use), TensorBoard mask images and per-block live
+counts, the live parameter count and the extra K/V cost, the final live count as `prompts/live` in
+test_metrics.json; `export_state_dict` keeps only live tokens.
 """
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from clipadapt.errors import ClipAdaptError
 from clipadapt.methods.base import AdaptationModule
 from clipadapt.models.prompts import CompactPrompts, MaskedPrompts
-from clipadapt.pruning import accumulate, live_per_layer, prune_step, split_budget, token_scores
+from clipadapt.pruning import (
+    accumulate,
+    live_after,
+    live_per_layer,
+    prune_step,
+    pruning_rate,
+    split_budget,
+    token_scores,
+)
 
 MASK_PIXELS = 8  # each token of a mask picture is an 8x8 square, so a 12x16 mask is readable
 
@@ -49,6 +70,8 @@ class Adapt(AdaptationModule):
         prune_per_step: int = 4,  # r_p, Alg. 1
         accumulate_steps: int = 80,  # n_k, Alg. 1
         prune_after_epochs: int = 5,  # warmup epochs of Alg. 1 (no pruning before)
+        target_epoch: int | None = None,  # T_target is reached by the end of this epoch (None: the last)
+        unreachable: str = "raise_rate",  # r_p, n_k too slow for that: raise_rate | error
         score: str = "snip",  # Eq. 6: snip | grad | l2
         score_reduce: str = "mean",
         budget: str = "global",
@@ -64,6 +87,10 @@ class Adapt(AdaptationModule):
             prune_per_step: r_p, tokens pruned at each pruning step.
             accumulate_steps: n_k, optimizer steps whose scores are summed before each pruning step.
             prune_after_epochs: epochs of training before the first score is accumulated.
+            target_epoch: T_target must be reached within this many epochs (None: trainer.max_epochs).
+            unreachable: when r_p tokens every n_k steps cannot reach T_target by `target_epoch` (checked at fit
+                start from the real optimizer steps per epoch): `raise_rate` prunes the fewest tokens per
+                step that can (a warning says so; the paper's r_p is kept when it suffices), `error` refuses.
             score: snip (|g ⊙ P|) | grad (|g|) | l2 (|P|), each reduced over the width.
             score_reduce: mean | sum over the width (mean compares towers of different widths fairly).
             budget: global (one ranking over both towers) | per_branch (T_target split by `text_budget_ratio`).
@@ -82,6 +109,8 @@ class Adapt(AdaptationModule):
             raise ValueError(f"budget must be global | per_branch, got {budget!r}")
         if prune_per_step < 1 or accumulate_steps < 1 or target_length < 0:
             raise ValueError("prune_per_step and accumulate_steps must be >= 1 and target_length >= 0")
+        if unreachable not in ("raise_rate", "error"):
+            raise ValueError(f"unreachable must be raise_rate | error, got {unreachable!r}")
         layers = {tower: len(self.clip.blocks(tower)) for tower in ("image", "text")}
         widths = {"image": self.clip.width_image, "text": self.clip.width_text}
         self.kv_prompts = MaskedPrompts(layers, widths, max_length, init_std)
@@ -89,6 +118,8 @@ class Adapt(AdaptationModule):
             self.register_buffer(f"score_{tower}", torch.zeros(layers[tower], max_length))  # S_b, (L, ξ)
         self.register_buffer("score_steps", torch.zeros((), dtype=torch.long))  # steps summed into S so far
         self.target = split_budget(target_length, text_budget_ratio) if budget == "per_branch" else target_length
+        self.pool = {tower: layers[tower] * max_length for tower in self.kv_prompts.towers}  # tokens at start
+        self.prune_rate = prune_per_step  # r_p in use; raised at fit start if the schedule needs it
 
     # ---- parameters and forward ----
 
@@ -116,6 +147,60 @@ class Adapt(AdaptationModule):
 
     # ---- pruning (Algorithm 1) ----
 
+    def _check_budget(self) -> None:
+        """A budget at or above the prompt pool would prune nothing: refuse it."""
+        hp = self.hparams
+        sizes = " + ".join(f"{n // hp.max_length} {tower}" for tower, n in self.pool.items())
+        pool = f"({sizes} blocks x max_length={hp.max_length})"
+        if not isinstance(self.target, dict):
+            if self.target >= sum(self.pool.values()):
+                raise ClipAdaptError(
+                    f"Adapt: target_length={hp.target_length} is at or above the {sum(self.pool.values())} prompt "
+                    f"tokens of this model {pool}: nothing would be pruned; lower target_length or raise max_length"
+                )
+            return
+        for tower, target in self.target.items():
+            if target >= self.pool[tower]:
+                raise ClipAdaptError(
+                    f"Adapt: budget per_branch gives the {tower} tower {target} of target_length={hp.target_length}, "
+                    f"at or above its {self.pool[tower]} prompt tokens {pool}: it would prune nothing; lower "
+                    f"target_length or change text_budget_ratio"
+                )
+
+    def on_fit_start(self) -> None:
+        # Algorithm 1 prunes r_p tokens every n_k steps: with few images per epoch (EuroSAT: 40 steps at
+        # batch 4) that may end training far above T_target. Check with the real steps per epoch.
+        self._check_budget()
+        hp, trainer = self.hparams, self.trainer
+        by_epoch = trainer.max_epochs if hp.target_epoch is None else hp.target_epoch
+        if by_epoch > trainer.max_epochs:
+            raise ClipAdaptError(f"Adapt: target_epoch={by_epoch} is past trainer.max_epochs={trainer.max_epochs}")
+        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)  # optimizer steps
+        windows = max(0, by_epoch - hp.prune_after_epochs) * per_epoch // hp.accumulate_steps
+        schedule = (
+            f"{windows} pruning steps (one per accumulate_steps={hp.accumulate_steps} optimizer steps, "
+            f"{per_epoch} per epoch, from epoch {hp.prune_after_epochs + 1} to {by_epoch})"
+        )
+        if windows == 0:
+            raise ClipAdaptError(
+                f"Adapt: {schedule} cannot prune towards target_length={hp.target_length}; lower accumulate_steps "
+                f"or prune_after_epochs, or train longer"
+            )
+        needed = pruning_rate(self.pool, self.target, windows)
+        self.prune_rate = max(hp.prune_per_step, needed)
+        if needed <= hp.prune_per_step:
+            return
+        left = live_after(self.pool, self.target, windows, hp.prune_per_step)
+        problem = (
+            f"Adapt: {schedule} of prune_per_step={hp.prune_per_step} tokens leave {left} of "
+            f"{sum(self.pool.values())} prompt tokens, not target_length={hp.target_length}"
+        )
+        if hp.unreachable == "error":
+            raise ClipAdaptError(
+                f"{problem}; set prune_per_step >= {needed}, lower accumulate_steps, or unreachable: raise_rate"
+            )
+        rank_zero_warn(f"{problem}: pruning {needed} tokens per step instead (unreachable: error refuses)")
+
     def pruning_active(self) -> bool:
         """Whether scores accumulate now: past the warmup epochs and above the budget."""
         if self.current_epoch < self.hparams.prune_after_epochs:
@@ -142,7 +227,7 @@ class Adapt(AdaptationModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if int(self.score_steps) < self.hparams.accumulate_steps:
             return
-        masks = prune_step(self._scores(), self.kv_prompts.masks(), self.hparams.prune_per_step, self.target)
+        masks = prune_step(self._scores(), self.kv_prompts.masks(), self.prune_rate, self.target)
         # Gradients are all-reduced, so ranks agree already; rank 0's decision is final regardless.
         masks = self.trainer.strategy.broadcast({t: m.cpu() for t, m in masks.items()}, src=0)
         self.kv_prompts.set_masks(masks)
@@ -163,6 +248,9 @@ class Adapt(AdaptationModule):
     def on_fit_end(self) -> None:
         self._record()
 
+    def run_summary(self) -> dict[str, Any]:
+        return super().run_summary() | {"prompts/live": self.kv_prompts.live()}
+
     def extra_kv_fraction(self) -> dict[str, float]:
         """Per tower: live prompt tokens per block relative to the tower's sequence length (extra attention keys)."""
         grid = self.clip.model.visual.grid_size
@@ -180,6 +268,7 @@ class Adapt(AdaptationModule):
             "step": self.global_step,
             "live": live,
             "target_length": self.hparams.target_length,
+            "prune_per_step": self.prune_rate,
             "live_per_layer": per_layer,
             "trainable_params": params,
             "masks": {tower: mask.int().tolist() for tower, mask in masks.items()},

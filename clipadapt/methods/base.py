@@ -32,11 +32,19 @@ from clipadapt.models import CLIPBackbone
 
 
 class Stage(NamedTuple):
-    """One training stage: its name, length in epochs (-1: until max_epochs) and optional lr."""
+    """One training stage: its name, length in epochs (-1: until max_epochs), optional lr and schedule length."""
 
     name: str
     epochs: int = -1
     lr: float | None = None  # overrides the optimizer's lr in this stage
+    # The warmup + cosine spans this many epochs instead of the stage's own length: a longer schedule cut
+    # where the stage ends (RAda-FT starts from epoch 5 of a 10-epoch probe run, whose lr is not yet 0).
+    schedule_epochs: int | None = None
+
+
+def run_seed(default: int = 0) -> int:
+    """The run's global seed (`seed_everything`, which the CLI sets from `data.seed`), else `default`."""
+    return int(os.environ.get("PL_GLOBAL_SEED", default))
 
 
 def harmonic_mean(base: float, novel: float) -> float:
@@ -103,6 +111,7 @@ class AdaptationModule(L.LightningModule):
         self.test_accs = nn.ModuleList()
         self.stage: str | None = None  # set at fit start, or restored from a checkpoint
         self._text_cache: dict[tuple, Tensor] = {}
+        self._last_val_acc: float | None = None  # of the last validation outside sanity checks (run_summary)
 
     # ---- what a method says ----
 
@@ -166,6 +175,11 @@ class AdaptationModule(L.LightningModule):
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         """Restore `method_state()`; runs before the stage's parameters are chosen on resume."""
+
+    def run_summary(self) -> dict[str, Any]:
+        """Final facts of the run written into test_metrics.json beside the test metrics; methods add theirs."""
+        # The val accuracy lets `clipadapt report --select-by val` choose a grid value without looking at test.
+        return {} if self._last_val_acc is None else {"val/acc": self._last_val_acc}
 
     # ---- shared plumbing: methods do not override below this line ----
 
@@ -242,6 +256,7 @@ class AdaptationModule(L.LightningModule):
                 group["lr"] = stage.lr
         steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
         _, epochs = self._stage_bounds(self.stage)
+        epochs = stage.schedule_epochs or epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor(optimizer, steps_per_epoch, epochs))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -297,6 +312,8 @@ class AdaptationModule(L.LightningModule):
         correct, total = self.val_acc.compute().tolist()
         if total:  # sanity checks may see no batch at all
             self.log("val/acc", 100 * correct / total, prog_bar=True)
+            if not self.trainer.sanity_checking:
+                self._last_val_acc = 100 * correct / total
         self.val_acc.reset()
 
     def _eval_sets(self) -> list:
@@ -328,7 +345,7 @@ class AdaptationModule(L.LightningModule):
             metrics["test/hm"] = harmonic_mean(accs["base"], accs["novel"])
         for key, value in metrics.items():
             self.log(key, value, add_dataloader_idx=False)
-        self.write_json("test_metrics.json", metrics)
+        self.write_json("test_metrics.json", metrics | self.run_summary())
 
     def write_json(self, name: str, payload: Any) -> None:
         """`payload` as `<run dir>/<name>`, written by rank 0; every rank must call it."""

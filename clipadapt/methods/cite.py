@@ -17,8 +17,11 @@ after fit and exported. Base classes are scored with the ensembled text tower (`
 
 Decisions where the paper is open (specs/cite.md): the logit scale s is frozen; SCL image→text is a
 softmax over the distinct class prompts of the batch, text→image keeps only other-class images as
-negatives (losses.class_contrastive_loss); VLD has temperature 1 and a batch mean; AdamW with weight
-decay 0.01 and one linear warmup epoch. Implementation choices (not in the paper):
+negatives, both a mean over the images as Eq. 4 sums per (image, class) pair
+(losses.class_contrastive_loss); under DDP, SCL's batch is the images of all ranks (gathered with
+their gradient), so the loss and its gradient do not change with the number of devices; VLD has
+temperature 1 and a batch mean; AdamW with weight decay 0.01 and one linear warmup epoch.
+Implementation choices (not in the paper):
 - Losses are batch means (the paper writes sums), which only rescales the learning rate.
 - With `eval_head: head`, W is interpolated with its initialisation like the towers (in WiSE-FT the
   head is part of θ); the towers are interpolated in every case.
@@ -115,12 +118,14 @@ class CLIPCITE(AdaptationModule):
         scale = self.clip.logit_scale.exp()  # s
         image = self.clip.encode_image(images)  # (B, D) unit
         losses = {"dva": alignment_loss(image, self.head, labels, scale)}
-        classes, targets = labels.unique(return_inverse=True)  # (K,), (B,) row of each image's class
+        # SCL contrasts the whole batch: under DDP, the images of every rank, gathered with their gradient.
+        all_images, all_labels = self._gather(image), self._gather(labels)  # (N, D), (N,); N = B · world size
+        classes, targets = all_labels.unique(return_inverse=True)  # (K,), (N,) row of each image's class
         distill = self.hparams.distillation_weight > 0
         # VLD needs every class prompt through the text tower, SCL only the K of the batch: encode once.
         text = self.clip.encode_text(self.class_tokens if distill else self.class_tokens[classes])  # (C | K, D)
         batch_text = text[classes] if distill else text  # (K, D)
-        scl = class_contrastive_loss(image, batch_text, targets, scale)
+        scl = class_contrastive_loss(all_images, batch_text, targets, scale)
         losses["scl"] = self.hparams.contrastive_weight * scl
         if distill:
             with torch.no_grad():
@@ -129,6 +134,17 @@ class CLIPCITE(AdaptationModule):
             vld = similarity_distillation_loss(scale * image @ text.T, teacher_logits)
             losses["vld"] = self.hparams.distillation_weight * vld
         return losses
+
+    def _gather(self, tensor: Tensor) -> Tensor:
+        """(B, ...) -> (world size · B, ...): every rank's rows, differentiable, in rank order; as is on one device.
+
+        Every rank then computes the same SCL over the global batch; all_gather's backward sends each rank
+        the summed gradient of its own rows and DDP's mean over ranks undoes the sum, so the gradient is
+        that of one process holding the whole batch, whatever the number of devices.
+        """
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensor
+        return self.all_gather(tensor, sync_grads=True).flatten(0, 1)
 
     def train(self, mode: bool = True) -> "CLIPCITE":
         """Set train/eval mode; the teacher stays in eval mode."""

@@ -19,6 +19,13 @@ Decisions the paper leaves open (spec "Decision"s, each an option): bias-correct
 weights (`restart_from_pretrained`), λ = 10 / 25 / 1 (PromptSRC), student prompt "a photo of a {}.".
 Controls: `scheme` bitfit | random (no probe), `granularity` global, `encoders` image | text.
 
+Epochs (paper §4.1: 1 probe epoch, then 30 epochs, 20 for base-to-novel): `trainer.max_epochs` counts
+the selective epochs for every scheme and the probe's `probe_epochs` are added on top, so the shipped
+configs (max_epochs 30 / 20) train 1 + 30 (1 + 20) epochs with the adaptive scheme and 30 (20) with the
+random and BitFit controls, and a `--trainer.max_epochs N` flag means N selective epochs for all of them.
+The warmup + cosine of the selective stage spans exactly its max_epochs epochs. `selection_seed` of
+the random scheme defaults to the run's seed (`data.seed` under the CLI); an explicit value wins.
+
 State: the selection and the teacher text features are method state (checkpoints), so a resumed
 stage-2 run keeps its selection and skips the probe. The frozen image tower is *not* in the state
 dict: it equals the pretrained weights and is rebuilt at construction (saves ~350 MB per ViT-B
@@ -28,6 +35,7 @@ optimizer step, because AdamW's weight decay would otherwise still move them.
 
 import copy
 import math
+import weakref
 from collections.abc import Iterable
 from functools import partial
 from typing import Any
@@ -40,8 +48,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
 
 from clipadapt.data.templates import PROMPTSRC_TEMPLATES
+from clipadapt.errors import ClipAdaptError
 from clipadapt.losses import consistency_kl, consistency_l1
-from clipadapt.methods.base import AdaptationModule, Stage
+from clipadapt.methods.base import AdaptationModule, Stage, run_seed
 from clipadapt.selection import (
     block_units,
     filter_encoders,
@@ -73,7 +82,7 @@ class CLIPAST(AdaptationModule):
         image_consistency_weight: float = 10.0,
         text_consistency_weight: float = 25.0,
         logit_consistency_weight: float = 1.0,
-        selection_seed: int = 0,
+        selection_seed: int | None = None,
         prompts: str = "simple",
         **kwargs: Any,
     ) -> None:
@@ -91,7 +100,7 @@ class CLIPAST(AdaptationModule):
             image_consistency_weight: λ1, Eq. 11 (L1 to the frozen image features).
             text_consistency_weight: λ2, Eq. 11 (L1 to the 60-template teacher text features).
             logit_consistency_weight: λ3, Eq. 11 (KL from the frozen model's class distribution).
-            selection_seed: seed of the random scheme.
+            selection_seed: seed of the random scheme; None: the run's seed (`data.seed` under the CLI).
             prompts: the student's text prompts (default "a photo of a {}."; `dataset` for CoOp's).
             **kwargs: the AdaptationModule options (arch, pretrained, optimizer, warmup, ...).
         """
@@ -104,6 +113,9 @@ class CLIPAST(AdaptationModule):
             )
         if scheme == "adaptive" and probe_epochs < 1:
             raise ValueError("the adaptive scheme needs probe_epochs >= 1")
+        # The random control follows the run's seed: a fixed draw for every seed would understate the spread.
+        self.selection_seed = run_seed() if selection_seed is None else selection_seed
+        self._lengthened: weakref.ref | None = None  # the fit loop whose max_epochs already counts the probe
         model = self.clip.model
         self.units = block_units(((n, p.shape) for n, p in model.named_parameters()), split_qkv)
         self.candidates = filter_encoders(self.units, encoders)
@@ -200,11 +212,26 @@ class CLIPAST(AdaptationModule):
 
     # ---- the stage boundary ----
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        # trainer.max_epochs counts the selective epochs (the paper's 30 / 20) whatever the scheme; the probe
+        # comes on top, so the adaptive scheme trains as long as the random and BitFit controls. Set here,
+        # before configure_optimizers derives the steps per epoch and the stage's cosine from max_epochs.
+        loop = self.trainer.fit_loop
+        counted = self._lengthened is not None and self._lengthened() is loop  # a second fit with this trainer
+        if stage != "fit" or self.hparams.scheme != "adaptive" or counted:
+            return
+        selective = loop.max_epochs
+        loop.max_epochs = selective + self.hparams.probe_epochs
+        self._lengthened = weakref.ref(loop)
+        rank_zero_info(
+            f"clipadapt: CLIP-AST trains {self.hparams.probe_epochs} probe + {selective} selective epochs "
+            f"(trainer.max_epochs counts the selective ones)"
+        )
+
     def on_fit_start(self) -> None:
         if self.hparams.scheme == "adaptive" and self.trainer.max_epochs <= self.hparams.probe_epochs:
-            raise ValueError(
-                f"max_epochs={self.trainer.max_epochs} leaves no epoch after the {self.hparams.probe_epochs}-epoch probe"
-            )
+            raise ClipAdaptError("trainer.max_epochs=0 leaves no selective epoch after the probe: set it to 1 or more")
         if self.stage == "probe" and not isinstance(self.trainer.optimizers[0], torch.optim.Adam):  # AdamW is one
             raise TypeError(
                 f"the probe scores from AdamW's second moments; got {type(self.trainer.optimizers[0]).__name__}"
@@ -235,13 +262,14 @@ class CLIPAST(AdaptationModule):
 
     def _make_selection(self, scores: dict[str, float] | None) -> dict[str, Any]:
         hp = self.hparams
-        selected = select_units(self.candidates, hp.scheme, hp.granularity, hp.top_k, scores, hp.selection_seed)
+        selected = select_units(self.candidates, hp.scheme, hp.granularity, hp.top_k, scores, self.selection_seed)
         shapes = {n: p.shape for n, p in self.clip.model.named_parameters()}
         chosen = set(selected)
         count = sum(_numel(shapes[u.param], u.rows) for u in self.units if u.name in chosen)
-        options = ("scheme", "granularity", "top_k", "encoders", "importance", "split_qkv", "selection_seed")
+        options = ("scheme", "granularity", "top_k", "encoders", "importance", "split_qkv")
         return {
             **{k: hp[k] for k in options},
+            "selection_seed": self.selection_seed,
             "selected": selected,
             "trainable_params": count,
             "scores": None if scores is None else {k: (None if math.isinf(v) else v) for k, v in scores.items()},

@@ -9,6 +9,9 @@ logits = s · Σ_d M ⊙ R with M = ReLU(1 + f_φ(R, f̂, ŵ)) ≡ 1 at init, i.
 - `fft` (§4.1, App. C): a linear head W (C, D) from the 80-template zero-shot weights replaces the
   text tower, R = f̂ ⊙ normalize(W), no head bias. Stage `probe`: f_φ + W (CE + λ·L_reg); stage
   `finetune`: image tower + W + f_φ, CE only (L_reg applies only while the encoders are frozen).
+  The probe's warmup + cosine is computed over `probe_schedule_epochs` (10) and cut where the probe
+  ends (`probe_epochs`, 5): RAda-FT starts from epoch 5 of RAda's 10-epoch run, whose lr is then
+  about half its peak, not 0 (App. C). The finetune stage has its own warmup + cosine over its epochs.
   An evaluation set whose classes are all training classes (ImageNet-V2/Sketch, the 200-class
   ImageNet-A/R) uses the matching rows of W; any other set (novel) falls back to text features.
 - `ttt` (§4.3, TPT's recipe): per test image, the original view + V−1 augmented views; f_φ reset to
@@ -24,6 +27,8 @@ Deliberate deviations:
   roi_align (box edges sample the neighbouring pixels instead of clamping to the crop).
 - Each image's views are seeded from a hash of its pixels (+ `ttt_seed`), not a global RNG, so a
   prediction does not depend on the order or batching of the test set (identical images share views).
+  `ttt_seed` defaults to the run's seed (`data.seed` under the CLI), so runs over seeds 1-3 differ in
+  their views too and the seed-to-seed spread is not understated; an explicit value wins.
 - TTT loss is the entropy alone (spec); the mask regularizer is not added at test time.
 """
 
@@ -42,7 +47,7 @@ from torch.optim.adamw import adamw
 from torchvision.ops import roi_align
 
 from clipadapt.losses import MASK_REGULARIZERS, entropy, marginal_entropy, mask_regularizer
-from clipadapt.methods.base import AdaptationModule, Stage
+from clipadapt.methods.base import AdaptationModule, Stage, run_seed
 from clipadapt.models.rational import QUERIES, RationalAdapter
 
 
@@ -61,6 +66,7 @@ class RAda(AdaptationModule):
         mask_reg_weight: float = 1.5,  # λ, App. E
         max_map_elements: int = 2**26,  # attention-map chunk size (memory)
         probe_epochs: int = 5,  # FFT stage `probe` (RAda); `finetune` (RAda-FT) runs to max_epochs
+        probe_schedule_epochs: int = 10,  # App. C: the probe's lr follows RAda's 10-epoch schedule, cut at probe_epochs
         probe_lr: float = 4e-3,  # App. C
         finetune_lr: float = 4e-6,  # App. C
         ttt_views: int = 64,  # V, original + 63 augmented
@@ -69,7 +75,7 @@ class RAda(AdaptationModule):
         ttt_lr: float = 8e-4,  # §4.3
         ttt_weight_decay: float = 0.01,  # torch AdamW default, as TPT
         ttt_mode: str = "batched",  # batched | loop
-        ttt_seed: int = 0,
+        ttt_seed: int | None = None,  # None: the run's seed (data.seed under the CLI)
         init_checkpoint: str | None = None,  # RAda†: adapter weights from an EFT checkpoint
         **kwargs: Any,
     ) -> None:
@@ -79,6 +85,13 @@ class RAda(AdaptationModule):
             raise ValueError(f"setting must be eft|fft|ttt and ttt_mode batched|loop, got {setting!r}, {ttt_mode!r}")
         if mask_reg not in MASK_REGULARIZERS:
             raise ValueError(f"mask_reg must be one of {MASK_REGULARIZERS}, got {mask_reg!r}")
+        if setting == "fft" and probe_schedule_epochs < probe_epochs:
+            raise ValueError(
+                f"probe_schedule_epochs={probe_schedule_epochs} is shorter than probe_epochs={probe_epochs}: the "
+                f"probe's lr would sit at 0 for its last epochs; set probe_schedule_epochs >= probe_epochs"
+            )
+        # Seeds the TTT views: following the run's seed, seed-to-seed variance includes the views' randomness.
+        self.ttt_seed = run_seed() if ttt_seed is None else ttt_seed
         self.adapter = RationalAdapter(self.clip.embed_dim, num_heads, temperature, queries, mask_net, max_map_elements)
         if init_checkpoint:
             # Your own EFT run's Lightning checkpoint (it pickles hyperparameters, hence weights_only=False).
@@ -95,8 +108,9 @@ class RAda(AdaptationModule):
     @property
     def stages(self) -> tuple[Stage, ...]:
         if self.hparams.setting == "fft":
-            return (Stage("probe", self.hparams.probe_epochs, self.hparams.probe_lr),
-                    Stage("finetune", -1, self.hparams.finetune_lr))  # fmt: skip
+            hp = self.hparams
+            return (Stage("probe", hp.probe_epochs, hp.probe_lr, schedule_epochs=hp.probe_schedule_epochs),
+                    Stage("finetune", -1, hp.finetune_lr))  # fmt: skip
         return super().stages
 
     def trainable(self, stage: str) -> Iterable[nn.Parameter]:
@@ -175,7 +189,7 @@ class RAda(AdaptationModule):
         size, count = images.shape[-1], self.hparams.ttt_views - 1
         boxes, flips = [], []
         for n, image in enumerate(images):
-            key = hashlib.blake2b(str(self.hparams.ttt_seed).encode(), digest_size=7)
+            key = hashlib.blake2b(str(self.ttt_seed).encode(), digest_size=7)
             key.update(image.detach().float().cpu().numpy().tobytes())
             generator = torch.Generator().manual_seed(int.from_bytes(key.digest(), "little"))
             for _ in range(count):
