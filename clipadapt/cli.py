@@ -109,13 +109,22 @@ def export_main(argv: Sequence[str]) -> None:
     module = method(**(hparams | {"pretrained": None}))
     module.on_load_checkpoint(checkpoint)  # method state (e.g. a selection) before the weights
     module.load_state_dict(checkpoint["state_dict"])
-    torch.save(module.export_state_dict(), args.out)
+    state = module.export_state_dict()
+    torch.save(state, args.out)
 
     arch = hparams["arch"]
     quick_gelu = isinstance(tag, str) and open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False)
     extra = ", force_quick_gelu=True" if quick_gelu and not open_clip.get_model_config(arch).get("quick_gelu") else ""
     print(f"wrote {args.out} ({type(module).__name__}, arch {arch})")
-    print(f"load it with: open_clip.create_model({arch!r}, pretrained={args.out!r}{extra})")
+    added = [key for key in state if key not in module.clip.model.state_dict()]
+    if added:  # prompts: plain open_clip has no seam for them, say what the file holds instead
+        holds = (type(module).export_state_dict.__doc__ or "").strip().splitlines()[0]
+        print(f"it holds {holds[0].lower() + holds[1:]}")
+        print(
+            f"{len(added)} of its tensors ({', '.join(added[:3])}, ...) need clipadapt's encoders, not plain open_clip"
+        )
+    else:
+        print(f"load it with: open_clip.create_model({arch!r}, pretrained={args.out!r}{extra})")
     if arch.startswith("clipadapt-"):
         print("(a clipadapt test arch: `import clipadapt.models` first, it registers the config with open_clip)")
 

@@ -1,7 +1,7 @@
 """Loss terms as pure functions over tensors; each is checked against hand-computed values in tests.
 
 Sections: CLIP-AST (PromptSRC self-consistency), RAda (mask regularizers, entropy), CLIP-CITE
-(alignment, class-level contrastive, distillation).
+(alignment, class-level contrastive, distillation), KgCoOp (knowledge-guided regularizer).
 """
 
 import torch
@@ -102,3 +102,13 @@ def similarity_distillation_loss(logits: Tensor, teacher_logits: Tensor) -> Tens
         log_target=True,
         reduction="batchmean",
     )
+
+
+# ---- KgCoOp: knowledge-guided context optimization ----
+
+
+def knowledge_guided_loss(text: Tensor, anchor: Tensor) -> Tensor:
+    """KgCoOp L_kg = (1/C) Σ_c ‖w_c − w_c^clip‖² over (C, D) prompted and frozen zero-shot text features."""
+    if text.shape != anchor.shape:
+        raise ValueError(f"shapes differ: {tuple(text.shape)} vs {tuple(anchor.shape)}")
+    return (text.float() - anchor.detach().float()).square().sum(dim=-1).mean()

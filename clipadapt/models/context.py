@@ -19,6 +19,7 @@ with fewer context tokens than the init has, its first M are used (MaPLe: "a pho
 class-specific context starts from the init repeated per class (CoOp ignores CSC when it has an init).
 """
 
+import logging
 from typing import NamedTuple
 
 import torch
@@ -28,6 +29,8 @@ from clipadapt.errors import ClipAdaptError
 from clipadapt.models.backbone import CLIPBackbone
 
 POSITIONS = ("end", "middle", "front")
+
+log = logging.getLogger(__name__)
 
 
 class ClassTokens(NamedTuple):
@@ -227,3 +230,11 @@ class VLPrompts(nn.Module):
             return list(self.image)
         sources = [self.context.vectors, *self.text]
         return [coupler(source) for coupler, source in zip(self.couplers, sources, strict=True)]
+
+
+def fit_depth(clip: CLIPBackbone, depth: int, tower: str) -> int:
+    """`depth` (J) capped at the tower's blocks, so a ViT-B/16 config also runs on the 2-block test model."""
+    blocks = len(clip.blocks(tower))
+    if depth > blocks:
+        log.warning("prompt depth %d > %d %s blocks of this model: prompting all %d", depth, blocks, tower, blocks)
+    return min(depth, blocks)
