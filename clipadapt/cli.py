@@ -224,6 +224,13 @@ def report_main(argv: Sequence[str]) -> None:
         help="also pick, per dataset and shots, the --grid value with the best seed-mean val accuracy "
         "(e.g. Adapt's T_target over adapt-target_length_* folders) and tabulate its test accuracy",
     )
+    parser.add_argument(
+        "--compare",
+        nargs="*",
+        metavar="METHOD",
+        help="one table per protocol with the methods as rows and the datasets as columns (the papers' layout); "
+        "names pick and order the rows (default: every method)",
+    )
     args = parser.parse_args(argv)
     results = experiments.read_results(Path(args.runs))
     if not results:
@@ -237,7 +244,11 @@ def report_main(argv: Sequence[str]) -> None:
     out = Path(args.out or args.runs)
     out.mkdir(parents=True, exist_ok=True)
     markdown = []
-    for table in experiments.tables(results) + selected:
+    if args.compare is None:
+        tables = experiments.tables(results)
+    else:
+        tables = experiments.comparison_tables(results, args.compare or None)
+    for table in tables + selected:
         markdown.append(experiments.to_markdown(table))
         (out / f"{experiments.table_slug(table)}.csv").write_text(experiments.to_csv(table))
     text = "\n".join(markdown)
