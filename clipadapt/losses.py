@@ -30,6 +30,31 @@ def consistency_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: 
     return kl * temperature**2 / student_logits.numel()
 
 
+def self_consistency_losses(
+    image: Tensor,
+    text: Tensor,
+    logits: Tensor,
+    teacher_image: Tensor | None,
+    teacher_text: Tensor,
+    scale: Tensor,
+    weights: tuple[float, float, float],
+) -> dict[str, Tensor]:
+    """PromptSRC's weighted terms λ1·L1(f̂, f̂₀), λ2·L1(ŵ, ŵ₀), λ3·KL(p₀ ‖ p), p₀ = softmax(s·f̂₀ŵ₀ᵀ); zero weights omitted.
+
+    `weights` = (λ1 image, λ2 text, λ3 logits); `teacher_image` may be None when λ1 = λ3 = 0.
+    """
+    image_weight, text_weight, logit_weight = weights
+    losses = {}
+    if image_weight:
+        losses["l1_image"] = image_weight * consistency_l1(image, teacher_image)
+    if text_weight:
+        losses["l1_text"] = text_weight * consistency_l1(text, teacher_text)
+    if logit_weight:
+        teacher_logits = scale.detach() * teacher_image.float() @ teacher_text.float().T  # (B, C)
+        losses["kl"] = logit_weight * consistency_kl(logits, teacher_logits)
+    return losses
+
+
 # ---- RAda: mask regularizers and entropy ----
 
 MASK_REGULARIZERS = ("mse", "linf", "l1")

@@ -14,16 +14,13 @@ Paper settings (configs/maple_*.yaml): M = 2, J = 9 of 12, SGD lr 0.0035, batch 
 On a model with fewer blocks than J (the 2-block test model) every block is prompted.
 """
 
-from collections.abc import Iterable
 from typing import Any
 
-from torch import Tensor, nn
-
-from clipadapt.methods.base import AdaptationModule
+from clipadapt.methods.prompting.deep import DeepPromptLearner
 from clipadapt.models.context import TextContext, VLPrompts, fit_depth, init_context
 
 
-class MaPLe(AdaptationModule):
+class MaPLe(DeepPromptLearner):
     """Coupled deep vision-language prompts in the first J blocks of both towers; CLIP frozen."""
 
     def __init__(
@@ -50,24 +47,3 @@ class MaPLe(AdaptationModule):
         depth = min(fit_depth(self.clip, prompt_depth, "text"), fit_depth(self.clip, prompt_depth, "image"))
         context = TextContext(init_context(self.clip, n_ctx, context_init, None, init_std))
         self.vl_prompts = VLPrompts(context, depth, depth, self.clip.width_image, coupled=True, std=init_std)
-
-    def trainable(self, stage: str) -> Iterable[nn.Parameter]:
-        return self.vl_prompts.parameters()
-
-    def text_trainable(self) -> bool:
-        return any(p.requires_grad for p in self.vl_prompts.parameters())
-
-    def encode_classes(self, classnames: list[str], templates: list[str]) -> Tensor:
-        return self.vl_prompts.context.features(self.clip, classnames, deep=self.vl_prompts.text_tokens())
-
-    def classify(self, images: Tensor, text: Tensor) -> Tensor:
-        image = self.clip.encode_image(images, deep=self.vl_prompts.image_tokens())  # (B, D)
-        return self.clip.logit_scale.exp() * image @ text.T  # (B, C)
-
-    def export_state_dict(self) -> dict[str, Tensor]:
-        """The frozen open_clip weights plus the prompts and couplers under `prompts.` (a `VLPrompts` state).
-
-        Plain open_clip ignores them: pass `image_tokens()` / `text_tokens()` of a rebuilt `VLPrompts`
-        as `deep=` to `CLIPBackbone.encode_image` / `TextContext.features`.
-        """
-        return self.clip.model.state_dict() | self.vl_prompts.state_dict(prefix="prompts.")

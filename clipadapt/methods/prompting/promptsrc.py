@@ -11,7 +11,7 @@ each replaced by new learned tokens in blocks 0 < j < J (N(0, 0.02²)), CLIP fro
 
 f̂₀: the frozen image tower (no prompts) on the same batch; ŵ₀: textual diversity, the mean of the
 *unnormalized* frozen features over the 60 templates, normalized once; p₀ = softmax(s·f̂₀ŵ₀ᵀ). The
-terms are `clipadapt.losses.consistency_l1` / `consistency_kl`, shared with CLIP-AST.
+terms are `clipadapt.losses.self_consistency_losses`, over the same L1 and KL as CLIP-AST.
 
 Gaussian prompt aggregation (GPA): after epoch e = 1..E the prompts θ_e are added with weight
 w_e ∝ N(e; μ, σ²) (`gaussian_epoch_weights`, normalized over the E epochs of the run); after the last
@@ -29,17 +29,16 @@ from the same tower without prompts (no second copy); ŵ₀ is recomputed when n
 """
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 
 from clipadapt.data.templates import PROMPTSRC_TEMPLATES
-from clipadapt.losses import consistency_kl, consistency_l1
-from clipadapt.methods.base import AdaptationModule
+from clipadapt.losses import self_consistency_losses
+from clipadapt.methods.prompting.deep import DeepPromptLearner
 from clipadapt.models.context import TextContext, VLPrompts, fit_depth, init_context
 
 
@@ -53,7 +52,7 @@ def gaussian_epoch_weights(epochs: int, mean: float, std: float) -> list[float]:
     return [w / sum(weights) for w in weights]
 
 
-class PromptSRC(AdaptationModule):
+class PromptSRC(DeepPromptLearner):
     """Independent deep V-L prompts + self-consistency to frozen CLIP + Gaussian aggregation over epochs."""
 
     def __init__(
@@ -105,44 +104,24 @@ class PromptSRC(AdaptationModule):
         self._teacher_text: Tensor | None = None  # (C, D) ŵ₀
         self._gpa: dict[str, Tensor] | None = None  # Σ_e w_e θ_e so far
 
-    # ---- prompts ----
-
-    def trainable(self, stage: str) -> Iterable[nn.Parameter]:
-        return self.vl_prompts.parameters()
-
-    def text_trainable(self) -> bool:
-        return any(p.requires_grad for p in self.vl_prompts.parameters())
-
-    def encode_classes(self, classnames: list[str], templates: list[str]) -> Tensor:
-        return self.vl_prompts.context.features(self.clip, classnames, deep=self.vl_prompts.text_tokens())
-
-    def classify(self, images: Tensor, text: Tensor) -> Tensor:
-        return self.clip.logit_scale.exp() * self._image(images) @ text.T  # (B, C)
-
-    def _image(self, images: Tensor) -> Tensor:
-        return self.clip.encode_image(images, deep=self.vl_prompts.image_tokens())  # (B, D)
-
     # ---- losses ----
 
     def training_losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         hp = self.hparams
         text = self.class_embeddings(hp.classnames, hp.templates)  # (C, D), with grad
-        image = self._image(images)  # (B, D)
+        image = self.encode_prompted_images(images)  # (B, D)
         scale = self.clip.logit_scale.exp()
         logits = scale * image @ text.T  # (B, C)
-        losses = {"ce": F.cross_entropy(logits, labels)}
-        teacher_text = self.teacher_text().to(text.device)  # (C, D)
-        if hp.text_consistency_weight:
-            losses["l1_text"] = hp.text_consistency_weight * consistency_l1(text, teacher_text)
+        teacher_image = None
         if hp.image_consistency_weight or hp.logit_consistency_weight:
             with torch.no_grad():
-                teacher_image = self.clip.encode_image(images)  # (B, D), frozen tower without prompts
-            if hp.image_consistency_weight:
-                losses["l1_image"] = hp.image_consistency_weight * consistency_l1(image, teacher_image)
-            if hp.logit_consistency_weight:
-                teacher_logits = scale.detach() * teacher_image.float() @ teacher_text.T  # (B, C)
-                losses["kl"] = hp.logit_consistency_weight * consistency_kl(logits, teacher_logits)
-        return losses
+                teacher_image = self.clip.encode_image(images)  # (B, D), the frozen tower without prompts
+        weights = (hp.image_consistency_weight, hp.text_consistency_weight, hp.logit_consistency_weight)
+        teacher_text = self.teacher_text().to(text.device)  # (C, D)
+        return {
+            "ce": F.cross_entropy(logits, labels),
+            **self_consistency_losses(image, text, logits, teacher_image, teacher_text, scale, weights),
+        }
 
     def teacher_text(self) -> Tensor:
         """(C, D) ŵ₀: frozen text features of the training classes, mean over the 60 templates, normalized once."""
@@ -176,11 +155,3 @@ class PromptSRC(AdaptationModule):
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self._gpa = state.get("gpa")
-
-    def export_state_dict(self) -> dict[str, Tensor]:
-        """The frozen open_clip weights plus the (aggregated) prompts under `prompts.` (a `VLPrompts` state).
-
-        Plain open_clip ignores them: pass `image_tokens()` / `text_tokens()` of a rebuilt `VLPrompts`
-        as `deep=` to `CLIPBackbone.encode_image` / `TextContext.features`.
-        """
-        return self.clip.model.state_dict() | self.vl_prompts.state_dict(prefix="prompts.")
