@@ -5,6 +5,9 @@ tested on the pretrained toy world; here the model is random, so "it learns" mea
 """
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -15,11 +18,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
 from clipadapt.cli import main
+from clipadapt.data import write_synthetic
 from clipadapt.data.templates import PROMPTSRC_TEMPLATES
 from clipadapt.losses import knowledge_guided_loss
 from clipadapt.methods import CoCoOp, CoOp, KgCoOp, MaPLe, PromptSRC, ZeroShotCLIP
 from clipadapt.methods.prompting.promptsrc import gaussian_epoch_weights
 
+HERE = Path(__file__).resolve().parent
 TINY = {"arch": "clipadapt-tiny", "pretrained": None}
 METHODS = [CoOp, CoCoOp, KgCoOp, MaPLe, PromptSRC]
 # Our class prompts stop at the last EOT, the zero-shot classifier runs 77 columns: equal in exact
@@ -221,3 +226,13 @@ def test_export_holds_the_weights_and_the_prompts(tiny_data, cpu_trainer, tmp_pa
     assert all(torch.equal(prompts[k], v) for k, v in model.vl_prompts.state_dict().items())
     plain = {k: v for k, v in state.items() if not k.startswith("prompts.")}
     assert plain.keys() == model.clip.model.state_dict().keys()
+
+
+def test_two_process_ddp_keeps_the_prompts_and_their_aggregate_in_sync(tmp_path: Path) -> None:
+    write_synthetic(tmp_path / "data", "oxford_pets")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
+    script = [sys.executable, str(HERE / "ddp_prompting.py"), str(tmp_path / "data"), str(tmp_path)]
+    subprocess.run(script, cwd=tmp_path, env=env, check=True, capture_output=True)
+    init, rank0, rank1 = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("init", "rank0", "rank1"))
+    assert all(not torch.equal(init[k], rank0[k]) for k in init), "a prompt did not train"
+    assert all(torch.equal(rank0[k], rank1[k]) for k in init), "ranks diverged"

@@ -181,7 +181,7 @@ class CLIPBackbone(nn.Module):
         if deep is not None and deep[0] is not None:
             raise ValueError("text deep prompts start at block 1: block 0's are the learned context in the embeddings")
         x = self._text_blocks(x, attn_mask, None, deep)  # (N, L, W)
-        pooled = x[torch.arange(x.shape[0], device=x.device), eot.to(x.device)]  # (N, W)
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot.to(x.device, non_blocking=True)]  # (N, W)
         return self._project_text(pooled, normalize)
 
     def token_embeddings(self, tokens: Tensor) -> Tensor:

@@ -92,7 +92,7 @@ def place_context(
     context = context.expand(*batch, classes, slots, width)  # (..., C, M, W)
     learned = context.gather(-2, slot.expand(*batch, -1, -1).unsqueeze(-1).expand(*batch, -1, -1, width))
     prompts = torch.where((in_first | in_second).unsqueeze(-1), learned, words.to(learned.dtype))  # (..., C, L, W)
-    return prompts, eot.to(device) + slots
+    return prompts, eot + slots  # on the device `eot` came on: the CPU, so the length needs no sync
 
 
 def init_context(
@@ -128,11 +128,6 @@ class TextContext(nn.Module):
         self.vectors = nn.Parameter(vectors)
         self.position = position
         self._tokens: dict[tuple[str, ...], ClassTokens] = {}  # tokenized once per class list
-
-    @property
-    def length(self) -> int:
-        """M, the number of context tokens."""
-        return self.vectors.shape[-2]
 
     def tokens(self, clip: CLIPBackbone, classnames: list[str]) -> ClassTokens:
         """The (cached) class tokens of `classnames`."""
