@@ -2,7 +2,7 @@
 
     python benchmarks/prompting.py                                   # all five, tiny model on CPU
     python benchmarks/prompting.py --arch ViT-B-16 --classes 100     # ViT-B/16, random init
-    python benchmarks/prompting.py --method cocoop --arch ViT-B-16 --batches 1 2 4 8 --classes 100
+    python benchmarks/prompting.py --memory-only --arch ViT-B-16 --classes 100 --batches 1 2 4 --precision bf16-mixed
 
 Memory is measured without a GPU: the bytes of the distinct tensors autograd saves for backward in
 one training step (frozen weights excluded, autocast copies included) - the activation memory that
@@ -100,12 +100,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4], help="CoCoOp batches for memory")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--memory-only", action="store_true", help="only CoCoOp's activation memory per batch")
     args = parser.parse_args()
     device = torch.device(args.device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"device: {where}; arch {args.arch} (random init); precision {args.precision}; C = {args.classes} classes")
     torch.manual_seed(0)
-    for name in args.method:
+    for name in [] if args.memory_only else args.method:
         model = build(name, args, device)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         train = training_rate(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad]), args, device)
@@ -115,16 +116,19 @@ def main() -> None:
             f"{name:9}: {trainable:>9,} trainable | train {train:8.1f} img/s (batch {args.batch_size}) | "
             f"test {test:8.1f} img/s | activations {memory / 2**20:8.1f} MiB at batch {args.batch_size}"
         )
-    if "cocoop" not in args.method:
+    if "cocoop" not in args.method and not args.memory_only:
         return
     model = build("cocoop", args, device)
     per_batch = {b: activation_bytes(model, b, args, device) for b in args.batches}
     print(f"\nCoCoOp activation memory, C = {args.classes} classes, {args.precision}:")
     for b, size in per_batch.items():
         print(f"  batch {b:4}: {size / 2**30:8.3f} GiB  ({size / b / 2**20:8.1f} MiB per image)")
-    per_image = max(size / b for b, size in per_batch.items())
-    fixed = frozen_bytes(model)  # fp32 weights; SGD state and the prompts are negligible next to them
-    print(f"frozen weights: {fixed / 2**30:.2f} GiB. Largest batch whose activations fit (linear in B, no headroom):")
+    # Linear in B: the slope is the cost per image, the intercept what does not grow (autocast weight copies).
+    (b0, m0), (b1, m1) = min(per_batch.items()), max(per_batch.items())
+    per_image = (m1 - m0) / (b1 - b0) if b1 > b0 else m1 / b1
+    fixed = frozen_bytes(model) + max(0.0, m0 - per_image * b0)  # fp32 weights (+ intercept); SGD state is tiny
+    print(f"{per_image / 2**20:.1f} MiB per image, {fixed / 2**30:.2f} GiB fixed (frozen weights + what does not grow)")
+    print("largest batch whose weights + activations fit, no headroom for the allocator or kernels' workspace:")
     print("  " + ", ".join(f"{gib} GiB: {max(0, int((gib * 2**30 - fixed) // per_image))}" for gib in GPUS_GIB))
 
 

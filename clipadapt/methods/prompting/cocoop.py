@@ -39,7 +39,6 @@ class CoCoOp(AdaptationModule):
         context_init: str | None = "a photo of a",
         init_std: float = 0.02,
         chunk_size: int = 1000,
-        prompts: str = "dataset",
         **kwargs: Any,
     ) -> None:
         """
@@ -48,10 +47,9 @@ class CoCoOp(AdaptationModule):
             context_init: words whose token embeddings start the context; None: random N(0, init_std²).
             init_std: std of the random context init.
             chunk_size: prompts (images x classes) per text-tower call.
-            prompts: unused by the method (its text is the learned prompt); kept for the shared CLI.
             **kwargs: the AdaptationModule options (arch, pretrained, optimizer, warmup, ...).
         """
-        super().__init__(classnames, templates, prompts=prompts, **kwargs)
+        super().__init__(classnames, templates, **kwargs)
         self.context = TextContext(init_context(self.clip, n_ctx, context_init, None, init_std))
         dim = self.clip.embed_dim
         self.meta_net = nn.Sequential(

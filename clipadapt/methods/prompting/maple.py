@@ -31,7 +31,6 @@ class MaPLe(DeepPromptLearner):
         context_init: str | None = "a photo of a",
         prompt_depth: int = 9,  # J
         init_std: float = 0.02,
-        prompts: str = "dataset",
         **kwargs: Any,
     ) -> None:
         """
@@ -40,10 +39,9 @@ class MaPLe(DeepPromptLearner):
             context_init: words whose first M token embeddings start block 0's text prompts; None: random.
             prompt_depth: J, blocks with prompts in each tower (capped at the model's blocks).
             init_std: std of the random prompt init.
-            prompts: unused by the method (its text is the learned prompt); kept for the shared CLI.
             **kwargs: the AdaptationModule options (arch, pretrained, optimizer, warmup, ...).
         """
-        super().__init__(classnames, templates, prompts=prompts, **kwargs)
+        super().__init__(classnames, templates, **kwargs)
         depth = min(fit_depth(self.clip, prompt_depth, "text"), fit_depth(self.clip, prompt_depth, "image"))
         context = TextContext(init_context(self.clip, n_ctx, context_init, None, init_std))
         self.vl_prompts = VLPrompts(context, depth, depth, self.clip.width_image, coupled=True, std=init_std)

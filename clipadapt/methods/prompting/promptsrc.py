@@ -71,7 +71,6 @@ class PromptSRC(DeepPromptLearner):
         gpa_mean: float = 15.0,  # μ
         gpa_std: float = 1.0,  # σ
         init_std: float = 0.02,
-        prompts: str = "dataset",
         **kwargs: Any,
     ) -> None:
         """
@@ -88,10 +87,9 @@ class PromptSRC(DeepPromptLearner):
             gpa_mean: μ of the GPA weights, in epochs (1-based).
             gpa_std: σ of the GPA weights.
             init_std: std of the random prompt init.
-            prompts: unused by the method (its text is the learned prompt); kept for the shared CLI.
             **kwargs: the AdaptationModule options (arch, pretrained, optimizer, warmup, ...).
         """
-        super().__init__(classnames, templates, prompts=prompts, **kwargs)
+        super().__init__(classnames, templates, **kwargs)
         context = TextContext(init_context(self.clip, n_ctx_text, context_init, None, init_std))
         self.vl_prompts = VLPrompts(
             context,
@@ -131,6 +129,9 @@ class PromptSRC(DeepPromptLearner):
                     self.hparams.classnames, PROMPTSRC_TEMPLATES, normalize_each=False
                 ).float()
         return self._teacher_text
+
+    def on_fit_start(self) -> None:
+        self.teacher_text()  # once, in fp32, before the first (autocast) step
 
     # ---- Gaussian prompt aggregation ----
 
