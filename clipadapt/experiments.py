@@ -231,9 +231,8 @@ def _acc(results: list[Result], key: str) -> tuple[float, float] | None:
 
 
 Cell = tuple[float, float] | float | str | None  # mean ± std, a derived value, a grid value chosen, or a gap
-Table = dict[
-    str, Any
-]  # {"title", "kind": fewshot | base2novel | ood | choice | compare, "columns", "rows": [(label, [Cell])]}
+# {"title", "kind": fewshot | base2novel | ood | choice | compare, "columns", "rows": [(label, [Cell])]}
+Table = dict[str, Any]
 
 
 def _average(rows: list[list[Cell]], column: int) -> float | None:

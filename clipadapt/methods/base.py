@@ -4,8 +4,8 @@ The base owns the backbone, the text classifier (built per evaluation set, cache
 tower is frozen), the accuracy protocol (one top-1 accuracy per evaluation set, base/novel/HM), the
 stage schedule with an optimizer rebuild at each boundary, and the per-step learning-rate schedule.
 A method says *which* parameters train in *which* stage (`trainable`), *which* losses
-(`training_losses`), how it classifies (`classify`, `class_embeddings`, `class_logits`) and what happens at a
-stage boundary (`on_stage_end`).
+(`training_losses`), how it classifies (`classify`, `class_embeddings`; `class_logits` when its text
+depends on the image) and what happens at a stage boundary (`on_stage_end`).
 
 Deviation from Dassl, on purpose: the warmup + cosine schedule is stepped per optimizer step
 (Dassl steps per epoch); with few-shot data an epoch is a handful of steps, so the curves differ
