@@ -26,3 +26,4 @@ demo:      ## offline end-to-end run: synthetic data, tiny model, TensorBoard lo
 bench:     ## speed benchmarks on the present device (CPU here; GPU when there is one)
 	python benchmarks/text_encoder.py
 	for m in ast adapt rada cite; do python benchmarks/methods.py --method $$m; done
+	python benchmarks/prompting.py

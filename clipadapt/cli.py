@@ -109,13 +109,22 @@ def export_main(argv: Sequence[str]) -> None:
     module = method(**(hparams | {"pretrained": None}))
     module.on_load_checkpoint(checkpoint)  # method state (e.g. a selection) before the weights
     module.load_state_dict(checkpoint["state_dict"])
-    torch.save(module.export_state_dict(), args.out)
+    state = module.export_state_dict()
+    torch.save(state, args.out)
 
     arch = hparams["arch"]
     quick_gelu = isinstance(tag, str) and open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False)
     extra = ", force_quick_gelu=True" if quick_gelu and not open_clip.get_model_config(arch).get("quick_gelu") else ""
     print(f"wrote {args.out} ({type(module).__name__}, arch {arch})")
-    print(f"load it with: open_clip.create_model({arch!r}, pretrained={args.out!r}{extra})")
+    added = [key for key in state if key not in module.clip.model.state_dict()]
+    if added:  # prompts: plain open_clip has no seam for them, say what the file holds instead
+        holds = (type(module).export_state_dict.__doc__ or "").strip().splitlines()[0]
+        print(f"it holds {holds[0].lower() + holds[1:]}")
+        print(
+            f"{len(added)} of its tensors ({', '.join(added[:3])}, ...) need clipadapt's encoders, not plain open_clip"
+        )
+    else:
+        print(f"load it with: open_clip.create_model({arch!r}, pretrained={args.out!r}{extra})")
     if arch.startswith("clipadapt-"):
         print("(a clipadapt test arch: `import clipadapt.models` first, it registers the config with open_clip)")
 
@@ -215,6 +224,13 @@ def report_main(argv: Sequence[str]) -> None:
         help="also pick, per dataset and shots, the --grid value with the best seed-mean val accuracy "
         "(e.g. Adapt's T_target over adapt-target_length_* folders) and tabulate its test accuracy",
     )
+    parser.add_argument(
+        "--compare",
+        nargs="*",
+        metavar="METHOD",
+        help="one table per protocol with the methods as rows and the datasets as columns (the papers' layout); "
+        "names pick and order the rows (default: every method)",
+    )
     args = parser.parse_args(argv)
     results = experiments.read_results(Path(args.runs))
     if not results:
@@ -228,7 +244,11 @@ def report_main(argv: Sequence[str]) -> None:
     out = Path(args.out or args.runs)
     out.mkdir(parents=True, exist_ok=True)
     markdown = []
-    for table in experiments.tables(results) + selected:
+    if args.compare is None:
+        tables = experiments.tables(results)
+    else:
+        tables = experiments.comparison_tables(results, args.compare or None)
+    for table in tables + selected:
         markdown.append(experiments.to_markdown(table))
         (out / f"{experiments.table_slug(table)}.csv").write_text(experiments.to_csv(table))
     text = "\n".join(markdown)

@@ -3,8 +3,9 @@
 A sweep expands one config over datasets x shots x seeds (x any `--grid` key) into runs whose folder says
 what they are, `<out>/<method>/<protocol>/<dataset>/shots_<K>/seed_<S>/`; a run is finished once
 `test_metrics.json` exists there. The report reads those folders (saved `config.yaml` + final metrics)
-and builds the papers' tables: few-shot accuracy, base/novel/HM, ImageNet -> OOD. Everything but the
-file reading is a pure function of plain data.
+and builds the papers' tables: few-shot accuracy, base/novel/HM, ImageNet -> OOD, and several methods
+side by side (`comparison_tables`: rows = methods, columns = datasets + average; also cross-dataset).
+Everything but the file reading is a pure function of plain data.
 
 Selection on validation (`clipadapt report --select-by val`, e.g. Adapt's "adaptive T_target"): among the
 values of a grid (method folders `adapt-target_length_64`, `adapt-target_length_128`, ...), each
@@ -39,6 +40,7 @@ PAPER_DATASETS = (
     "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101",
 )  # fmt: skip
 OOD_SETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+SUBSETS = ("all", "base", "novel", "new")  # eval_sets entries that name part of the training dataset
 METRICS_FILE = "test_metrics.json"
 VAL_KEY = "val/acc"  # the last validation accuracy of a run, in test_metrics.json (AdaptationModule.run_summary)
 
@@ -93,10 +95,13 @@ def method_name(config: dict[str, Any]) -> str:
 
 
 def protocol_name(data: dict[str, Any]) -> str:
-    """`ood` (ImageNet -> V2/Sketch/A/R), `base2novel` (train base, test base+novel) or `fewshot`."""
+    """`ood` (ImageNet -> V2/Sketch/A/R), `crossdataset` (tests other datasets), `base2novel` or `fewshot`."""
     sets = [str(s) for s in data.get("eval_sets") or []]
     if any(s in OOD_SETS for s in sets):
         return "ood"
+    own = dataset_name(str(data.get("dataset", "")))
+    if any(s not in SUBSETS and dataset_name(s) != own for s in sets):
+        return "crossdataset"
     if data.get("subsample") == "base" or {"base", "novel"} <= set(sets):
         return "base2novel"
     return "fewshot"
@@ -226,7 +231,8 @@ def _acc(results: list[Result], key: str) -> tuple[float, float] | None:
 
 
 Cell = tuple[float, float] | float | str | None  # mean ± std, a derived value, a grid value chosen, or a gap
-Table = dict[str, Any]  # {"title", "kind": fewshot | base2novel | ood | choice, "columns", "rows": [(label, [Cell])]}
+# {"title", "kind": fewshot | base2novel | ood | choice | compare, "columns", "rows": [(label, [Cell])]}
+Table = dict[str, Any]
 
 
 def _average(rows: list[list[Cell]], column: int) -> float | None:
@@ -300,9 +306,85 @@ def tables(results: list[Result]) -> list[Table]:
             for k in sorted({r.shots for r in group}):
                 subset = [r for r in group if r.shots == k]
                 out.append(base2novel_table(f"{method} — base-to-novel, {k} shots", subset))
+        elif protocol == "crossdataset":
+            out += comparison_tables(group)
         else:
             out.append(fewshot_table(f"{method} — {protocol} accuracy (%)", group))
     return out
+
+
+def _test_sets(results: list[Result]) -> set[str]:
+    """The evaluation sets the runs report (`test/<set>/acc`)."""
+    return {key.split("/")[1] for r in results for key in r.metrics if key.startswith("test/") and key.endswith("/acc")}
+
+
+def comparison_tables(results: list[Result], methods: list[str] | None = None) -> list[Table]:
+    """Methods side by side, as the papers print them: rows = methods, columns = datasets + average.
+
+    One table per (protocol, shots); base-to-novel gives three (Base, Novel, HM, the HM of a method's
+    seed-averaged B and N, its average from the averaged B and N). Cross-dataset and OOD columns are the
+    source dataset, then the targets; their average is over the targets only. `methods` picks and orders
+    the rows (default: all, sorted). A missing run is a gap, and so is an average over a gap.
+    """
+    rows_order = methods or sorted({r.method for r in results})
+    out = []
+    for protocol, k in sorted({(r.protocol, r.shots) for r in results}):
+        group = [r for r in results if (r.protocol, r.shots) == (protocol, k) and r.method in rows_order]
+        names = [m for m in rows_order if any(r.method == m for r in group)]
+        if not names:
+            continue
+
+        def runs(method: str, dataset: str | None = None, group: list[Result] = group) -> list[Result]:
+            return [r for r in group if r.method == method and dataset in (None, r.dataset)]
+
+        if protocol == "base2novel":
+            datasets = _ordered({r.dataset for r in group})
+            cells = {
+                m: [[_acc(runs(m, d), "test/base/acc"), _acc(runs(m, d), "test/novel/acc")] for d in datasets]
+                for m in names
+            }
+            for i, column in enumerate(("Base", "Novel", "HM")):
+                rows = []
+                for m in names:
+                    pairs = cells[m]
+                    if column == "HM":
+                        row = [harmonic_mean(b[0], n[0]) if b and n else None for b, n in pairs]
+                        base, novel = _average(pairs, 0), _average(pairs, 1)
+                        average = harmonic_mean(base, novel) if base is not None and novel is not None else None
+                    else:
+                        row = [pair[i] for pair in pairs]
+                        average = _average(pairs, i)
+                    rows.append((m, [*row, average]))
+                out.append(_compare(f"base-to-novel {column} (%), {_shots(k)}", datasets, rows))
+            continue
+        if protocol in ("ood", "crossdataset"):
+            sources = _ordered({r.dataset for r in group})
+            sets = _test_sets(group) - set(sources)
+            targets = [s for s in OOD_SETS if s in sets] if protocol == "ood" else _ordered(sets - set(OOD_SETS))
+            columns = [*sources, *targets]
+            rows = []
+            for m in names:
+                row = [_acc(runs(m), f"test/{c}/acc") for c in columns]
+                rows.append((m, [*row, _average([[c] for c in row[len(sources) :]], 0)]))
+            title = "ImageNet → OOD" if protocol == "ood" else "cross-dataset transfer"
+            out.append(_compare(f"{title} (%), {_shots(k)}", columns, rows, average=f"Average ({len(targets)})"))
+            continue
+        datasets = _ordered({r.dataset for r in group})
+        rows = []
+        for m in names:
+            row = [_acc(runs(m, d), f"test/{d}/acc") for d in datasets]
+            rows.append((m, [*row, _average([[c] for c in row], 0)]))
+        out.append(_compare(f"{protocol} accuracy (%), {_shots(k)}", datasets, rows))
+    return out
+
+
+def _compare(title: str, columns: list[str], rows: list[tuple[str, list[Cell]]], average: str = "") -> Table:
+    return {
+        "title": f"methods compared — {title}",
+        "kind": "compare",
+        "columns": [*columns, average or f"Average ({len(columns)})"],
+        "rows": rows,
+    }
 
 
 # ---- selection on validation ----

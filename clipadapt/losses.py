@@ -1,7 +1,7 @@
 """Loss terms as pure functions over tensors; each is checked against hand-computed values in tests.
 
 Sections: CLIP-AST (PromptSRC self-consistency), RAda (mask regularizers, entropy), CLIP-CITE
-(alignment, class-level contrastive, distillation).
+(alignment, class-level contrastive, distillation), KgCoOp (knowledge-guided regularizer).
 """
 
 import torch
@@ -28,6 +28,31 @@ def consistency_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: 
     log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)  # (B, C) teacher
     kl = F.kl_div(log_p, log_q, reduction="sum", log_target=True)  # sum q (log q - log p)
     return kl * temperature**2 / student_logits.numel()
+
+
+def self_consistency_losses(
+    image: Tensor,
+    text: Tensor,
+    logits: Tensor,
+    teacher_image: Tensor | None,
+    teacher_text: Tensor,
+    scale: Tensor,
+    weights: tuple[float, float, float],
+) -> dict[str, Tensor]:
+    """PromptSRC's weighted terms λ1·L1(f̂, f̂₀), λ2·L1(ŵ, ŵ₀), λ3·KL(p₀ ‖ p), p₀ = softmax(s·f̂₀ŵ₀ᵀ); zero weights omitted.
+
+    `weights` = (λ1 image, λ2 text, λ3 logits); `teacher_image` may be None when λ1 = λ3 = 0.
+    """
+    image_weight, text_weight, logit_weight = weights
+    losses = {}
+    if image_weight:
+        losses["l1_image"] = image_weight * consistency_l1(image, teacher_image)
+    if text_weight:
+        losses["l1_text"] = text_weight * consistency_l1(text, teacher_text)
+    if logit_weight:
+        teacher_logits = scale.detach() * teacher_image.float() @ teacher_text.float().T  # (B, C)
+        losses["kl"] = logit_weight * consistency_kl(logits, teacher_logits)
+    return losses
 
 
 # ---- RAda: mask regularizers and entropy ----
@@ -102,3 +127,13 @@ def similarity_distillation_loss(logits: Tensor, teacher_logits: Tensor) -> Tens
         log_target=True,
         reduction="batchmean",
     )
+
+
+# ---- KgCoOp: knowledge-guided context optimization ----
+
+
+def knowledge_guided_loss(text: Tensor, anchor: Tensor) -> Tensor:
+    """KgCoOp L_kg = (1/C) Σ_c ‖w_c − w_c^clip‖² over (C, D) prompted and frozen zero-shot text features."""
+    if text.shape != anchor.shape:
+        raise ValueError(f"shapes differ: {tuple(text.shape)} vs {tuple(anchor.shape)}")
+    return (text.float() - anchor.detach().float()).square().sum(dim=-1).mean()

@@ -4,20 +4,27 @@ from clipadapt.methods.adapt import Adapt
 from clipadapt.methods.base import AdaptationModule, Stage
 from clipadapt.methods.cite import CLIPCITE
 from clipadapt.methods.clip_ast import CLIPAST
+from clipadapt.methods.prompting import CoCoOp, CoOp, KgCoOp, MaPLe, PromptSRC
 from clipadapt.methods.rada import RAda
 from clipadapt.methods.zeroshot import LinearProbe, ZeroShotCLIP
 
 METHODS: dict[str, type[AdaptationModule]] = {
-    m.__name__: m for m in (ZeroShotCLIP, LinearProbe, CLIPAST, Adapt, RAda, CLIPCITE)
+    m.__name__: m
+    for m in (ZeroShotCLIP, LinearProbe, CLIPAST, Adapt, RAda, CLIPCITE, CoOp, CoCoOp, KgCoOp, MaPLe, PromptSRC)
 }
 
 __all__ = [
     "Adapt",
     "CLIPAST",
     "CLIPCITE",
+    "CoCoOp",
+    "CoOp",
     "METHODS",
     "AdaptationModule",
+    "KgCoOp",
     "LinearProbe",
+    "MaPLe",
+    "PromptSRC",
     "RAda",
     "Stage",
     "ZeroShotCLIP",

@@ -4,8 +4,8 @@ The base owns the backbone, the text classifier (built per evaluation set, cache
 tower is frozen), the accuracy protocol (one top-1 accuracy per evaluation set, base/novel/HM), the
 stage schedule with an optimizer rebuild at each boundary, and the per-step learning-rate schedule.
 A method says *which* parameters train in *which* stage (`trainable`), *which* losses
-(`training_losses`), how it classifies (`classify`, `class_embeddings`) and what happens at a
-stage boundary (`on_stage_end`).
+(`training_losses`), how it classifies (`classify`, `class_embeddings`; `class_logits` when its text
+depends on the image) and what happens at a stage boundary (`on_stage_end`).
 
 Deviation from Dassl, on purpose: the warmup + cosine schedule is stepped per optimizer step
 (Dassl steps per epoch); with few-shot data an epoch is a handful of steps, so the curves differ
@@ -132,6 +132,10 @@ class AdaptationModule(L.LightningModule):
         """(B, 3, H, W), (C, D) unit class embeddings -> (B, C) logits."""
         return self.clip.logit_scale.exp() * self.clip.encode_image(images) @ text.T
 
+    def class_logits(self, images: Tensor, classnames: list[str], templates: list[str]) -> Tensor:
+        """(B, C) logits over `classnames`; a method whose text depends on the image (CoCoOp) overrides this."""
+        return self.classify(images, self.class_embeddings(classnames, templates))
+
     def class_embeddings(self, classnames: list[str], templates: list[str]) -> Tensor:
         """(C, D) unit class embeddings; cached while nothing that shapes them trains, else once per evaluation."""
         chosen = templates_for(self.hparams.prompts, templates)
@@ -185,7 +189,7 @@ class AdaptationModule(L.LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, C) logits over the training classes."""
-        return self.classify(images, self.class_embeddings(self.hparams.classnames, self.hparams.templates))
+        return self.class_logits(images, self.hparams.classnames, self.hparams.templates)
 
     def _evaluating(self) -> bool:
         # Inside an evaluation loop nothing trains: its epoch start clears the cache, one encoding serves it.
@@ -330,7 +334,7 @@ class AdaptationModule(L.LightningModule):
         images, labels = batch
         self._check_image_size(images)
         eval_set = self._eval_sets()[dataloader_idx]
-        logits = self.classify(images, self.class_embeddings(eval_set.classnames, eval_set.templates))
+        logits = self.class_logits(images, eval_set.classnames, eval_set.templates)
         self.test_accs[dataloader_idx].update(logits, labels)
 
     def on_test_epoch_end(self) -> None:
@@ -358,7 +362,7 @@ class AdaptationModule(L.LightningModule):
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Predicted class index over the first evaluation set."""
         eval_set = self._eval_sets()[0]
-        return self.classify(batch[0], self.class_embeddings(eval_set.classnames, eval_set.templates)).argmax(-1)
+        return self.class_logits(batch[0], eval_set.classnames, eval_set.templates).argmax(-1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         method = f"{type(self).__module__}.{type(self).__qualname__}"  # lets `clipadapt export` rebuild it

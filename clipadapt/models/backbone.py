@@ -2,19 +2,30 @@
 
 This is the one module in clipadapt that knows open_clip's internals. It is pinned to
 open_clip_torch==3.3.0 and reads these private seams of the native `CLIP` / `VisionTransformer`:
-`visual._embeds` and `visual._pool` (image), `open_clip.transformer.text_global_pool` (text), the
+`visual._embeds` and `visual._pool` (image; deep prompts re-run `_embeds`' steps, conv1 to ln_pre,
+with `open_clip.transformer._expand_token`), `open_clip.transformer.text_global_pool` (text), the
 `attn_mask` buffer, `text_pool_type` / `text_eos_id`, and each tower's `transformer.resblocks`
 (batch-first blocks called as `block(x, attn_mask=...)`). Pretrained weights are resolved through
 `open_clip.get_pretrained_cfg` / `download_pretrained` and huggingface_hub's cache.
 
-Prompts enter only through `prompts=` of the encoders (an object with `kv_tokens(tower, layer)`,
-e.g. `clipadapt.models.prompts.MaskedPrompts`): a block with prompts runs its attention with queries
-from the real tokens and keys/values from LN1([P ; x]) (`_prompted_block`); a block without any
-takes the unchanged path below.
+Prompts enter through three seams, each off by default (then the unchanged path below runs):
+- `prompts=` (K/V, Adapt; an object with `kv_tokens(tower, layer)`, e.g.
+  `clipadapt.models.prompts.MaskedPrompts`): a block with prompts runs its attention with queries from
+  the real tokens and keys/values from LN1([P ; x]) (`_prompted_block`).
+- `encode_text_embeddings(embeddings, eot)` (learned text context, CoOp family): the caller builds the
+  input token embeddings (`clipadapt.models.context.place_context`) and says where each row's EOT
+  now is; positional embeddings, the causal mask, EOT truncation and pooling are the tower's own.
+- `deep=` (deep prompts, VPT-deep / MaPLe / PromptSRC): a list of (P, W) tokens per block j < J.
+  Image tower: deep[0] is appended after the class + patch tokens, before `ln_pre` (MaPLe's order);
+  at each block 0 < j < J the outputs of the P prompt slots are replaced by deep[j]; they are
+  dropped before pooling. Text tower: deep[0] must be None (layer 0's prompts are the learned context
+  right after SOT, part of the embeddings), and at blocks 0 < j < J positions 1..P are replaced.
+  Replacing in place keeps the sequence length, the causal mask and the EOT positions as they are.
 
 With no prompts, `encode_image` and `encode_text(..., truncate=False)` are bit-identical to
-open_clip's own `encode_image` / `encode_text` in fp32; tests/test_backbone.py guards this. Bump the
-pin only with that test green.
+open_clip's own `encode_image` / `encode_text` in fp32; tests/test_backbone.py guards this, and
+tests/test_context.py checks the context and deep seams against open_clip's own forward with hooks.
+Bump the pin only with both green.
 
 Deliberate choices:
 - `encode_text(truncate=True)` cuts the sequence after the last EOT of the batch. The text tower is
@@ -31,7 +42,7 @@ import hashlib
 import logging
 import os
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HfHubHTTPError
-from open_clip.transformer import text_global_pool
+from open_clip.transformer import _expand_token, text_global_pool
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -94,16 +105,31 @@ class CLIPBackbone(nn.Module):
         """Strings -> (N, 77) token ids on CPU (SOT ... EOT, zero padded)."""
         return self.tokenizer(texts)
 
-    def encode_image(self, images: Tensor, normalize: bool = True, prompts: KVPrompts | None = None) -> Tensor:
-        """(B, 3, H, W) -> (B, D); mirrors VisionTransformer.forward block by block; optional K/V prompts."""
+    def encode_image(
+        self,
+        images: Tensor,
+        normalize: bool = True,
+        prompts: KVPrompts | None = None,
+        deep: Sequence[Tensor | None] | None = None,
+    ) -> Tensor:
+        """(B, 3, H, W) -> (B, D); mirrors VisionTransformer.forward block by block; optional K/V or deep prompts."""
         visual = self.model.visual
-        x = visual._embeds(images)  # (B, 1 + N, W): class token + patch tokens
+        if deep is None:
+            x = visual._embeds(images)  # (B, 1 + N, W): class token + patch tokens
+            slots = 0
+        else:
+            x = self._prompted_image_embeds(images, deep)  # (B, 1 + N + P, W)
+            slots = deep[0].shape[0]
         for index, block in enumerate(visual.transformer.resblocks):
+            if slots and 0 < index < len(deep) and deep[index] is not None:
+                x = torch.cat([x[:, :-slots], _per_row(deep[index], x).to(x.dtype)], dim=1)
             tokens = prompts.kv_tokens("image", index) if prompts is not None else None
             if tokens is None:
-                x = _run_block(visual.transformer, block, x, attn_mask=None)  # (B, 1 + N, W)
+                x = _run_block(visual.transformer, block, x, attn_mask=None)  # (B, 1 + N (+ P), W)
             else:
                 x = _run_prompted_block(visual.transformer, block, x, tokens, attn_mask=None)  # (B, 1 + N, W)
+        if slots:
+            x = x[:, :-slots]  # the prompt slots are never pooled
         pooled, _ = visual._pool(x)  # (B, W)
         if visual.proj is not None:
             pooled = pooled @ visual.proj  # (B, D)
@@ -124,24 +150,109 @@ class CLIPBackbone(nn.Module):
         cast_dtype = model.transformer.get_cast_dtype()
         x = model.token_embedding(tokens).to(cast_dtype)  # (N, L, W)
         x = x + positional.to(cast_dtype)
+        x = self._text_blocks(x, attn_mask, prompts)  # (N, L, W)
+        pooled = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+        return self._project_text(pooled, normalize)
+
+    def encode_text_embeddings(
+        self,
+        embeddings: Tensor,
+        eot: Tensor,
+        normalize: bool = True,
+        truncate: bool = True,
+        deep: Sequence[Tensor | None] | None = None,
+    ) -> Tensor:
+        """(N, L, W) input token embeddings (learned context in place) + (N,) EOT positions -> (N, D).
+
+        The tower adds its positional embeddings, runs under its causal mask and pools at `eot`;
+        `truncate` cuts every column after the last EOT (exact: causal). `deep` as in the module docstring.
+        """
+        model = self.model
+        length = embeddings.shape[1]
+        if model.attn_mask is None and length != self.context_length:
+            raise ValueError(f"a bidirectional text tower needs all {self.context_length} columns, got {length}")
+        if int(eot.max()) >= length:
+            raise ValueError(f"an EOT position ({int(eot.max())}) lies outside the {length} embedding columns")
+        if truncate and model.attn_mask is not None:
+            length = int(eot.max()) + 1
+        attn_mask = model.attn_mask[:length, :length] if model.attn_mask is not None else None  # (L, L)
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = embeddings[:, :length].to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)  # (N, L, W)
+        if deep is not None and deep[0] is not None:
+            raise ValueError("text deep prompts start at block 1: block 0's are the learned context in the embeddings")
+        x = self._text_blocks(x, attn_mask, None, deep)  # (N, L, W)
+        pooled = x[torch.arange(x.shape[0], device=x.device), eot.to(x.device, non_blocking=True)]  # (N, W)
+        return self._project_text(pooled, normalize)
+
+    def token_embeddings(self, tokens: Tensor) -> Tensor:
+        """(N, L) token ids -> (N, L, W) rows of the (frozen) token embedding table, before positions."""
+        return self.model.token_embedding(tokens.to(self.model.positional_embedding.device))
+
+    def eot_positions(self, tokens: Tensor) -> Tensor:
+        """(N, L) token ids -> (N,) position each row pools at (its EOT); only EOT-pooled towers have one."""
+        model = self.model
+        if model.text_pool_type == "argmax":
+            return tokens.argmax(dim=-1)  # EOT has the largest id
+        if model.text_pool_type == "eos":
+            return (tokens == model.text_eos_id).int().argmax(dim=-1)
+        raise ValueError(f"this text tower pools with {model.text_pool_type!r}, not at an EOT token")
+
+    def _text_blocks(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None,
+        prompts: KVPrompts | None,
+        deep: Sequence[Tensor | None] | None = None,
+    ) -> Tensor:
+        """The text tower's blocks, then ln_final: (N, L, W) -> (N, L, W)."""
+        model = self.model
         for index, block in enumerate(model.transformer.resblocks):
+            if deep is not None and 0 < index < len(deep) and deep[index] is not None:
+                slots = deep[index].shape[0]
+                if 1 + slots > x.shape[1]:
+                    raise ValueError(f"{slots} text prompt slots do not fit in {x.shape[1]} columns")
+                tokens = _per_row(deep[index], x).to(x.dtype)  # (N, P, W)
+                x = torch.cat([x[:, :1], tokens, x[:, 1 + slots :]], dim=1)  # positions 1..P replaced
             kv = prompts.kv_tokens("text", index) if prompts is not None else None
             if kv is None:
                 x = _run_block(model.transformer, block, x, attn_mask=attn_mask)  # (N, L, W)
             else:
                 x = _run_prompted_block(model.transformer, block, x, kv, attn_mask=attn_mask)  # (N, L, W)
-        x = model.ln_final(x)
-        pooled = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-        if isinstance(model.text_projection, nn.Linear):
-            pooled = model.text_projection(pooled)  # (N, D)
-        elif model.text_projection is not None:
-            pooled = pooled @ model.text_projection  # (N, D)
+        return model.ln_final(x)
+
+    def _project_text(self, pooled: Tensor, normalize: bool) -> Tensor:
+        """(N, W) pooled text tokens -> (N, D) through the text projection."""
+        projection = self.model.text_projection
+        if isinstance(projection, nn.Linear):
+            pooled = projection(pooled)  # (N, D)
+        elif projection is not None:
+            pooled = pooled @ projection  # (N, D)
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
+    def _prompted_image_embeds(self, images: Tensor, deep: Sequence[Tensor | None]) -> Tensor:
+        """VisionTransformer._embeds with deep[0]'s P tokens appended after the patches, before ln_pre."""
+        if deep[0] is None:
+            raise ValueError("image deep prompts need block 0's tokens: they set the P slots")
+        visual = self.model.visual
+        x = visual.conv1(images)  # (B, W, grid, grid)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, N, W)
+        x = torch.cat([_expand_token(visual.class_embedding, x.shape[0]).to(x.dtype), x], dim=1)  # (B, 1 + N, W)
+        x = visual.patch_dropout(x + visual.positional_embedding.to(x.dtype))
+        x = torch.cat([x, _per_row(deep[0], x).to(x.dtype)], dim=1)  # (B, 1 + N + P, W)
+        return visual.ln_pre(x)
+
     def text_features(
-        self, classnames: list[str], templates: list[str], chunk_size: int = 1000, prompts: KVPrompts | None = None
+        self,
+        classnames: list[str],
+        templates: list[str],
+        chunk_size: int = 1000,
+        prompts: KVPrompts | None = None,
+        normalize_each: bool = True,
     ) -> Tensor:
-        """(C, D) unit class embeddings: per template encode + normalize, average, renormalize (CLIP ensemble)."""
+        """(C, D) unit class embeddings: per template encode + normalize, average, renormalize (CLIP ensemble).
+
+        `normalize_each=False` averages the unnormalized features instead (PromptSRC's frozen teacher).
+        """
         if not classnames or not templates:
             raise ValueError("text_features needs at least one class name and one template")
         device = self.model.positional_embedding.device
@@ -150,7 +261,7 @@ class CLIPBackbone(nn.Module):
             tokens = self.tokenize([template.format(name) for name in classnames])  # (C, 77)
             features = torch.cat(
                 [
-                    self.encode_text(chunk.to(device), normalize=True, prompts=prompts)  # (chunk, D)
+                    self.encode_text(chunk.to(device), normalize=normalize_each, prompts=prompts)  # (chunk, D)
                     for chunk in tokens.split(chunk_size)
                 ]
             )  # (C, D)
@@ -179,15 +290,14 @@ class CLIPBackbone(nn.Module):
         """Columns needed to reach every row's pooling position, or None if the tower cannot be truncated."""
         model = self.model
         # Without a causal mask every position sees every other, so nothing may be cut.
-        if model.attn_mask is None:
+        if model.attn_mask is None or model.text_pool_type not in ("argmax", "eos"):
             return None
-        if model.text_pool_type == "argmax":
-            positions = tokens.argmax(dim=-1)  # (N,): EOT has the largest id
-        elif model.text_pool_type == "eos":
-            positions = (tokens == model.text_eos_id).int().argmax(dim=-1)  # (N,)
-        else:
-            return None
-        return int(positions.max()) + 1
+        return int(self.eot_positions(tokens).max()) + 1
+
+
+def _per_row(tokens: Tensor, x: Tensor) -> Tensor:
+    """(P, W) tokens shared by every row of a (N, L, W) batch -> an (N, P, W) view."""
+    return tokens.unsqueeze(0).expand(x.shape[0], -1, -1)
 
 
 def _run_block(transformer: nn.Module, block: nn.Module, x: Tensor, attn_mask: Tensor | None) -> Tensor:
