@@ -32,7 +32,9 @@ decay 0.01 and one linear warmup epoch. Implementation choices (not in the paper
   in the extra state. ModelCheckpoint saves during fit, so its checkpoints hold `finetuned` weights:
   `export_state_dict` returns their ensemble, evaluation outside fit (`clipadapt test --ckpt_path`,
   validate, predict) ensembles them first, a resumed fit ensembles once at its end, and training on
-  ensembled weights is refused rather than ensembling twice.
+  ensembled weights is refused rather than ensembling twice. For the same reason a checkpoint of
+  ensembled weights refuses another `ensemble_alpha` at test time (one saved during fit takes it).
+- `clipadapt export` with `eval_head: head` also writes W (ensembled like the towers) beside the weights.
 """
 
 import copy
