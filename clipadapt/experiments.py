@@ -187,7 +187,8 @@ def read_results(root: Path, skipped: list[str] | None = None) -> list[Result]:
     for metrics_file in sorted(Path(root).rglob(METRICS_FILE)):
         try:
             results.append(_read_result(Path(root), metrics_file))
-        except (OSError, ValueError, yaml.YAMLError) as err:  # json.JSONDecodeError is a ValueError
+        # json.JSONDecodeError is a ValueError; a config.yaml of the wrong shape fails with the other two
+        except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError) as err:
             problem = f"{metrics_file}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             if skipped is None:
                 log.warning("left out of the report: %s", problem)

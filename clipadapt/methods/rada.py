@@ -41,7 +41,7 @@ from torch.func import functional_call, grad, vmap
 from torch.optim.adamw import adamw
 from torchvision.ops import roi_align
 
-from clipadapt.checkpoints import load
+from clipadapt import checkpoints
 from clipadapt.errors import ClipAdaptError
 from clipadapt.losses import MASK_REGULARIZERS, entropy, marginal_entropy, mask_regularizer
 from clipadapt.methods.base import AdaptationModule, Stage
@@ -88,7 +88,7 @@ class RAda(AdaptationModule):
             raise ValueError(f"mask_reg must be one of {MASK_REGULARIZERS}, got {mask_reg!r}")
         self.adapter = RationalAdapter(self.clip.embed_dim, num_heads, temperature, queries, mask_net, max_map_elements)
         if init_checkpoint:  # an EFT run's checkpoint (or a state dict), read as data only
-            state = load(init_checkpoint, "init_checkpoint")
+            state = checkpoints.load(init_checkpoint, "init_checkpoint")
             state = state.get("state_dict", state) if isinstance(state, dict) else {}
             adapter = {k.removeprefix("adapter."): v for k, v in state.items() if k.startswith("adapter.")}
             try:
