@@ -11,22 +11,34 @@ fit / validate / test / predict are LightningCLI subcommands (the method is the 
 `model.class_path`); `data`, `export`, `sweep` and `report` are ours. `fit` ends with the protocol's test of the last-epoch weights
 (as Dassl's train.py does) unless `--test_after_fit false`. The global seed defaults to
 `data.seed`, so `--data.seed 2` changes the few-shot draw and the training randomness together.
+
+`--ckpt_path FILE`: LightningCLI replaces the config's model arguments with the checkpoint's. Here a
+checkpoint of another method is refused, and so is a given model argument (set by a flag or a config
+file, not a default) that the checkpoint's would replace with another value; when a checkpoint is evaluated,
+the method's `test_time_args` take the given value instead (decision for issue 10 §2: only arguments
+that shape nothing but the evaluation). Every checkpoint is read with weights_only=True
+(`clipadapt.checkpoints`); the checks apply to a file path, Lightning's `last` / `hpc` keywords and
+URLs are only loaded safely.
 """
 
 import argparse
 import importlib
+import inspect
 import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch import seed_everything
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from clipadapt import experiments
+import clipadapt.methods
+from clipadapt import checkpoints, experiments
 from clipadapt.data import CLIPDataModule
 from clipadapt.data.datamodule import summarize_dataset
 from clipadapt.data.readers import resolve_dataset
@@ -50,15 +62,96 @@ class ClipAdaptCLI(LightningCLI):
             seed_everything(seed, workers=True)
             self.config[self.subcommand]["seed_everything"] = seed
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        self._args = args  # parsed again without defaults (`_given_model_args`) when a checkpoint is given
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would take the checkpoint's model class and arguments over the config's without a
+        # word: another method, or a given argument that would not take effect, is refused here instead.
+        try:
+            self._restore_checkpoint_arguments()
+        except (FileNotFoundError, ClipAdaptError) as err:
+            sys.exit(f"clipadapt: error: {err}")
+
+    def _restore_checkpoint_arguments(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        if config.get("weights_only") is False:
+            raise ClipAdaptError(
+                "--weights_only false would unpickle any object a checkpoint names, which can run code from it: "
+                "drop the flag (clipadapt checkpoints load with weights_only=True)"
+            )
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_KEYWORDS or "://" in str(ckpt_path):
+            return  # Lightning resolves these; it loads them with weights_only=True (`_prepare_subcommand_kwargs`)
+        checkpoint = checkpoints.read_checkpoint(ckpt_path, "--ckpt_path")
+        method = _import(config.model.class_path)
+        name, saved = f"{method.__module__}.{method.__qualname__}", checkpoints.method_path(checkpoint)
+        if saved != name:
+            raise ClipAdaptError(
+                f"--ckpt_path {ckpt_path} is a checkpoint of {saved}, but the config's model is {name}: pass a "
+                f"checkpoint of {method.__name__}, or the config of the run that wrote it (its config.yaml)"
+            )
+        hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        if not hparams:
+            return
+        # What LightningCLI does: the checkpoint's arguments over the config's.
+        restored = {subcommand: {"model": {"class_path": config.model.class_path, "dict_kwargs": hparams}}}
+        merged = self.parser.parse_object(restored, self.config)
+        unknown = sorted(merged[subcommand].model.get("dict_kwargs") or {})
+        if unknown:
+            raise ClipAdaptError(
+                f"--ckpt_path {ckpt_path} saved arguments that {method.__name__} does not take ({', '.join(unknown)}): "
+                "it was written by another version of clipadapt; use that version, or start a new run"
+            )
+        before, after = config.model.init_args, merged[subcommand].model.init_args
+        allowed = method.test_time_args if subcommand != "fit" else frozenset()
+        refused = []
+        for key in sorted(self._given_model_args(subcommand) - LINKED_MODEL_ARGS):
+            if before.get(key) == after.get(key):
+                continue
+            if key in allowed:
+                after[key] = before[key]  # shapes only the evaluation: the given value takes effect
+            else:
+                refused += _differences(f"model.init_args.{key}", before.get(key), after.get(key))
+        if refused:
+            hint = (
+                f"at test time only {', '.join(sorted(allowed))} may differ from the checkpoint"
+                if allowed
+                else "to train with other values, start a new run without --ckpt_path"
+            )
+            raise ClipAdaptError(
+                f"--ckpt_path restores the model's arguments from {ckpt_path}, so {', '.join(refused)} would not "
+                f"take effect: drop {'it' if len(refused) == 1 else 'them'} ({hint})"
+            )
+        self.config = merged
+
+    def _given_model_args(self, subcommand: str) -> set[str]:
+        """The model arguments a config file or a flag set (defaults excluded)."""
+        parse = self.parser.parse_object if isinstance(self._args, (dict, Namespace)) else self.parser.parse_args
+        given = parse(self._args, defaults=False).get(f"{subcommand}.model.init_args")
+        return set(vars(given)) if isinstance(given, Namespace) else set()
+
     def instantiate_classes(self) -> None:
         # Bad input (unknown model or dataset, missing files, weights unavailable offline) ends in
         # one line that says what to fix, not in a traceback from deep inside jsonargparse.
         try:
+            _check_folder(self._get(self.config, "trainer.default_root_dir"), "trainer.default_root_dir")
             model = self._get(self.config, "model.init_args")
             check_weights(model.arch, model.pretrained)
             super().instantiate_classes()
         except (FileNotFoundError, ValueError, PretrainedWeightsUnavailableError, ClipAdaptError) as err:
-            sys.exit(f"clipadapt: error: {err}")
+            sys.exit(f"clipadapt: error: {_reason(err)}")
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "weights_only" in self._subcommand_method_arguments[subcommand]:
+            # Explicit, so that TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn it off; also covers `last` / `hpc`.
+            kwargs["weights_only"] = True
+        return kwargs
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
@@ -69,6 +162,45 @@ class ClipAdaptCLI(LightningCLI):
     def after_fit(self) -> None:
         if self._get(self.config, "test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+LIGHTNING_CKPT_KEYWORDS = ("last", "hpc", "registry")  # `--ckpt_path` values Lightning resolves itself
+LINKED_MODEL_ARGS = {"classnames", "templates"}  # set from the datamodule at instantiation, never from a checkpoint
+
+
+def _reason(err: BaseException) -> str:
+    """The message of a ClipAdaptError that jsonargparse wrapped while building a class, else `err`'s own."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, ClipAdaptError):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    return str(err)
+
+
+def _import(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _differences(key: str, given: Any, saved: Any) -> list[str]:
+    """`key=given (checkpoint: saved)` for each differing leaf (an optimizer's lr, not the whole optimizer)."""
+    if isinstance(given, Namespace) and isinstance(saved, Namespace):
+        mine, theirs = dict(given.items()), dict(saved.items())
+        leaves = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        return [f"{key}.{k}={mine.get(k)!r} (checkpoint: {theirs.get(k)!r})" for k in leaves]
+    return [f"{key}={given!r} (checkpoint: {saved!r})"]
+
+
+def _check_folder(path: str | None, name: str) -> None:
+    """Fail now if `path` (created on demand) is, or lies inside, a file."""
+    if not path:
+        return
+    for folder in (Path(path).expanduser(), *Path(path).expanduser().parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ClipAdaptError(f"{name} {path}: {folder} is a file, not a folder: pass a folder path")
+            return
 
 
 def data_main(argv: Sequence[str]) -> None:
@@ -88,21 +220,41 @@ def data_main(argv: Sequence[str]) -> None:
     print(report)
 
 
+EXTRAS_USAGE = {  # how to use what an export writes beside the open_clip weights, by key prefix
+    # "prompts.": each prompting method says in its export_state_dict docstring how to rebuild its prompts
+    "head": "the learned (C, D) class head, one row per extras['classnames']: "
+    "logits = logit_scale.exp() * normalize(image_features) @ normalize(extras['head']).T",
+    "adapter.": "RAda's rational adapter (clipadapt.models.rational.RationalAdapter state, keys adapter.*): "
+    "evaluate it with `clipadapt test --ckpt_path CKPT`",
+}
+
+
 def export_main(argv: Sequence[str]) -> None:
-    """`clipadapt export`: a checkpoint's tuned weights as a plain open_clip state dict."""
+    """`clipadapt export`: a checkpoint's tuned weights as a plain open_clip state dict (+ the method's extras)."""
     parser = argparse.ArgumentParser(
         prog="clipadapt export",
         description="Write a fit checkpoint's model as a plain open_clip state dict: "
-        "open_clip.create_model(ARCH, pretrained=OUT) loads it (methods that add no parameters, e.g. CLIP-AST).",
+        "open_clip.create_model(ARCH, pretrained=OUT) loads it. What open_clip has no place for (Adapt's prompts, "
+        "a learned class head, RAda's adapter) goes beside it into OUT_STEM.extras.pt.",
     )
     parser.add_argument("--ckpt", required=True, help="a checkpoint written by `clipadapt fit`")
     parser.add_argument("--out", required=True, help="the state dict file to write (.pt)")
     args = parser.parse_args(argv)
-    checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=False)
-    if "clipadapt" not in checkpoint or "hyper_parameters" not in checkpoint:
-        sys.exit(f"clipadapt export: {args.ckpt} is not a checkpoint written by `clipadapt fit`")
-    module_name, _, class_name = checkpoint["clipadapt"]["class_path"].rpartition(".")
-    method = getattr(importlib.import_module(module_name), class_name)
+    try:
+        _export(args.ckpt, Path(args.out))
+    except (FileNotFoundError, ValueError, ClipAdaptError) as err:
+        sys.exit(f"clipadapt: error: {err}")
+
+
+def _export(ckpt: str, out: Path) -> None:
+    checkpoint = checkpoints.read_checkpoint(ckpt, "--ckpt")
+    methods = {f"{c.__module__}.{c.__qualname__}": c for c in vars(clipadapt.methods).values() if isinstance(c, type)}
+    method = methods.get(checkpoints.method_path(checkpoint))
+    if method is None or not issubclass(method, AdaptationModule):  # never import a module a file names
+        raise ClipAdaptError(
+            f"--ckpt {ckpt} is a checkpoint of {checkpoints.method_path(checkpoint)}, which is not a method of "
+            "clipadapt.methods: export it from Python with its own class"
+        )
     # No weights are downloaded (pretrained=None) and no optimizer is needed: the state dict has everything.
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_") and k != "optimizer"}
     tag = hparams.get("pretrained")
@@ -110,23 +262,27 @@ def export_main(argv: Sequence[str]) -> None:
     module.on_load_checkpoint(checkpoint)  # method state (e.g. a selection) before the weights
     module.load_state_dict(checkpoint["state_dict"])
     state = module.export_state_dict()
-    torch.save(state, args.out)
+    names = module.clip.model.state_dict().keys()
+    torch.save({name: state[name] for name in names}, out)
 
     arch = hparams["arch"]
     quick_gelu = isinstance(tag, str) and open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False)
     extra = ", force_quick_gelu=True" if quick_gelu and not open_clip.get_model_config(arch).get("quick_gelu") else ""
-    print(f"wrote {args.out} ({type(module).__name__}, arch {arch})")
-    added = [key for key in state if key not in module.clip.model.state_dict()]
-    if added:  # prompts: plain open_clip has no seam for them, say what the file holds instead
-        holds = (type(module).export_state_dict.__doc__ or "").strip().splitlines()[0]
-        print(f"it holds {holds[0].lower() + holds[1:]}")
-        print(
-            f"{len(added)} of its tensors ({', '.join(added[:3])}, ...) need clipadapt's encoders, not plain open_clip"
-        )
-    else:
-        print(f"load it with: open_clip.create_model({arch!r}, pretrained={args.out!r}{extra})")
+    print(f"wrote {out} ({type(module).__name__}, arch {arch}): a plain open_clip state dict")
+    print(f"load it with: open_clip.create_model({arch!r}, pretrained={str(out)!r}{extra})")
     if arch.startswith("clipadapt-"):
         print("(a clipadapt test arch: `import clipadapt.models` first, it registers the config with open_clip)")
+    extras = {name: tensor for name, tensor in state.items() if name not in names}
+    if extras:
+        beside = out.with_name(f"{out.stem}.extras.pt")
+        torch.save(extras | {"classnames": list(hparams["classnames"])}, beside)
+        print(f"wrote {beside}: what open_clip has no place for (the weights alone lack it)")
+        print(f"load it with: extras = torch.load({str(beside)!r}, weights_only=True)")
+        if any(name.startswith("prompts.") for name in extras):
+            print(inspect.cleandoc(type(module).export_state_dict.__doc__ or "").replace("(state", "(extras"))
+        for prefix, usage in EXTRAS_USAGE.items():
+            if any(name.startswith(prefix) for name in extras):
+                print(f"  {usage}")
 
 
 def sweep_main(argv: Sequence[str]) -> None:
@@ -232,7 +388,10 @@ def report_main(argv: Sequence[str]) -> None:
         "names pick and order the rows (default: every method)",
     )
     args = parser.parse_args(argv)
-    results = experiments.read_results(Path(args.runs))
+    skipped: list[str] = []
+    results = experiments.read_results(Path(args.runs), skipped)
+    for problem in skipped:
+        print(f"clipadapt report: skipped {problem}", file=sys.stderr)
     if not results:
         sys.exit(f"clipadapt report: no finished run (test_metrics.json) under {args.runs}")
     selected = experiments.selection_tables(results) if args.select_by else []
@@ -255,6 +414,11 @@ def report_main(argv: Sequence[str]) -> None:
     (out / "report.md").write_text(text)
     print(text)
     print(f"{len(results)} runs; wrote {out / 'report.md'} and {len(markdown)} CSV file(s)")
+    if skipped:
+        sys.exit(
+            f"clipadapt: error: {len(skipped)} run(s) left out of the tables (unreadable files, listed above): "
+            "run them again (delete their test_metrics.json; `clipadapt sweep` then re-runs them)"
+        )
 
 
 COMMANDS = {"data": data_main, "export": export_main, "sweep": sweep_main, "report": report_main}

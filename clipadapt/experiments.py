@@ -22,6 +22,7 @@ import dataclasses
 import io
 import itertools
 import json
+import logging
 import re
 import shlex
 import statistics
@@ -43,6 +44,8 @@ OOD_SETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 SUBSETS = ("all", "base", "novel", "new")  # eval_sets entries that name part of the training dataset
 METRICS_FILE = "test_metrics.json"
 VAL_KEY = "val/acc"  # the last validation accuracy of a run, in test_metrics.json (AdaptationModule.run_summary)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -190,27 +193,46 @@ class Result:
     path: str = ""
 
 
-def read_results(root: Path) -> list[Result]:
-    """Every finished run under `root` (sweep folders or plain `lightning_logs/version_N`)."""
+def read_results(root: Path, skipped: list[str] | None = None) -> list[Result]:
+    """Every finished run under `root` (sweep folders or plain `lightning_logs/version_N`).
+
+    A run whose files cannot be read (a truncated `test_metrics.json`, a broken `config.yaml`) is left
+    out, never guessed: `<file>: <reason>` is appended to `skipped`, or logged when it is None.
+    """
     results = []
     for metrics_file in sorted(Path(root).rglob(METRICS_FILE)):
-        run_dir = metrics_file.parent
-        config_file = run_dir / "config.yaml"
-        config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
-        data = config.get("data", {})
-        parts = run_dir.relative_to(root).parts
-        if len(parts) >= 5 and parts[-2].startswith("shots_") and parts[-1].startswith("seed_"):
-            method, protocol = parts[-5], parts[-4]  # the sweep's names (carry the grid variant)
-        else:
-            method, protocol = method_name(config), protocol_name(data)
-        dataset, shots, seed = (
-            dataset_name(str(data.get("dataset", "?"))),
-            data.get("num_shots", 0),
-            data.get("seed", 0),
-        )
-        metrics = json.loads(metrics_file.read_text())
-        results.append(Result(method, protocol, dataset, int(shots), int(seed), metrics, str(run_dir)))
+        try:
+            results.append(_read_result(Path(root), metrics_file))
+        # json.JSONDecodeError is a ValueError; a config.yaml of the wrong shape fails with the other two
+        except (OSError, ValueError, yaml.YAMLError, AttributeError, TypeError) as err:
+            problem = f"{metrics_file}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            if skipped is None:
+                log.warning("left out of the report: %s", problem)
+            else:
+                skipped.append(problem)
     return results
+
+
+def _read_result(root: Path, metrics_file: Path) -> Result:
+    run_dir = metrics_file.parent
+    config_file = run_dir / "config.yaml"
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} is not a mapping")
+    data = config.get("data", {})
+    parts = run_dir.relative_to(root).parts
+    if len(parts) >= 5 and parts[-2].startswith("shots_") and parts[-1].startswith("seed_"):
+        method, protocol = parts[-5], parts[-4]  # the sweep's names (carry the grid variant)
+    else:
+        method, protocol = method_name(config), protocol_name(data)
+    dataset, shots, seed = dataset_name(str(data.get("dataset", "?"))), data.get("num_shots", 0), data.get("seed", 0)
+    metrics = json.loads(metrics_file.read_text())
+    numbers = isinstance(metrics, dict) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values()
+    )
+    if not numbers:
+        raise ValueError("not a JSON object of numbers")
+    return Result(method, protocol, dataset, int(shots), int(seed), metrics, str(run_dir))
 
 
 def mean_std(values: list[float]) -> tuple[float, float] | None:

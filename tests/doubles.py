@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pytest
 from torch import nn
 
 from clipadapt.data import CLIPDataModule
@@ -43,3 +44,14 @@ class TwoStage(LinearProbe):
         yield self.head
         if stage == "all":
             yield from (p for _, p in self.clip.image_parameters())
+
+
+def one_line_error(argv: list[str]) -> str:
+    """Run the CLI in-process; assert that it exits with one `clipadapt: error:` line, and return that line."""
+    from clipadapt.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith("clipadapt: error: ") and "\n" not in message, message
+    return message

@@ -5,9 +5,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import open_clip
 import pytest
+import torch
 import yaml
+from doubles import one_line_error
 
+from clipadapt import checkpoints
 from clipadapt.cli import main
 from clipadapt.data import write_synthetic
 from clipadapt.data.readers import resolve_dataset
@@ -53,8 +57,11 @@ def test_config_runs_through_the_cli(config: Path, tmp_path: Path):
     assert all(0 <= v <= 100 for k, v in metrics.items() if k.endswith("acc") or k == "test/hm")
     assert list(run.glob("events.out.tfevents.*")), "no TensorBoard events"
     if not test_only:
-        assert list(run.glob("checkpoints/*.ckpt")), "no checkpoint"
+        (ckpt,) = run.glob("checkpoints/*.ckpt")
         assert (run / "config.yaml").exists()
+        assert checkpoints.read_checkpoint(ckpt)  # every method's checkpoint loads with weights_only=True
+        main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "exported.pt")])
+        assert open_clip.create_model("clipadapt-tiny", pretrained=str(tmp_path / "exported.pt"))  # as printed
 
 
 def test_unknown_config_key_is_named(tmp_path: Path, capsys):
@@ -120,3 +127,50 @@ def test_data_check_on_a_wrong_root_exits_with_the_reason(tmp_path: Path):
 def test_console_script_is_installed():
     out = subprocess.run(["clipadapt", "fit", "--help"], capture_output=True, text=True, check=True).stdout
     assert "--data.num_shots" in out and "--test_after_fit" in out
+
+
+# ---- bad input ends in one line naming the problem and the fix (issue 10 §4) ----
+
+
+def test_export_of_a_missing_or_foreign_file_is_one_line(tmp_path: Path):
+    (tmp_path / "random.ckpt").write_bytes(bytes(range(256)) * 4)
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")  # a torch file, but not a clipadapt checkpoint
+    out = ["--out", str(tmp_path / "out.pt")]
+    assert "does not exist" in one_line_error(["export", "--ckpt", str(tmp_path / "missing.ckpt"), *out])
+    assert "not a PyTorch checkpoint" in one_line_error(["export", "--ckpt", str(tmp_path / "random.ckpt"), *out])
+    assert "not a checkpoint written by" in one_line_error(["export", "--ckpt", str(tmp_path / "foreign.ckpt"), *out])
+
+
+def test_ckpt_path_of_random_bytes_or_a_missing_file_is_one_line(tmp_path: Path):
+    (tmp_path / "random.ckpt").write_bytes(bytes(range(256)) * 4)
+    demo = ["--config", str(REPO / "configs" / "demo.yaml"), "--trainer.default_root_dir", str(tmp_path)]
+    for command in ("fit", "test"):
+        message = one_line_error([command, *demo, "--ckpt_path", str(tmp_path / "random.ckpt")])
+        assert "random.ckpt is not a PyTorch checkpoint" in message
+        assert "missing.ckpt does not exist" in one_line_error(
+            [command, *demo, "--ckpt_path", str(tmp_path / "missing.ckpt")]
+        )
+
+
+def test_default_root_dir_that_is_a_file_is_one_line(data_root: Path, tmp_path: Path):
+    (tmp_path / "runs").write_text("not a folder")
+    for root in ("runs", "runs/sub"):
+        message = one_line_error(
+            ["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--data.root", str(data_root)]
+            + ["--data.dataset", "oxford_pets", "--trainer.default_root_dir", str(tmp_path / root)]
+        )
+        assert f"{tmp_path / 'runs'} is a file" in message
+
+
+def test_report_skips_a_corrupt_metrics_file_names_it_and_reports_the_rest(tmp_path: Path, capsys):
+    for version, metrics in [(0, '{"test/oxford_pets/acc": 75.0}'), (1, '{"test/oxford_pets/acc": 7')]:
+        run = tmp_path / "lightning_logs" / f"version_{version}"
+        run.mkdir(parents=True)
+        config = {"model": {"class_path": "clipadapt.methods.LinearProbe"}, "data": {"dataset": "oxford_pets"}}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        (run / "test_metrics.json").write_text(metrics)
+    message = one_line_error(["report", str(tmp_path)])
+    assert "1 run(s) left out" in message
+    out, err = capsys.readouterr()
+    assert "75.0" in out and "1 runs" in out  # the good run is reported
+    assert f"skipped {tmp_path / 'lightning_logs' / 'version_1' / 'test_metrics.json'}: JSONDecodeError" in err

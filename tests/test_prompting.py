@@ -220,12 +220,13 @@ def test_export_holds_the_weights_and_the_prompts(tiny_data, cpu_trainer, tmp_pa
     out = tmp_path / "maple.pt"
     main(["export", "--ckpt", str(tmp_path / "ckpt" / "last.ckpt"), "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "it holds the frozen open_clip weights plus the prompts" in printed and "pretrained=" not in printed
-    state = torch.load(out, weights_only=True)
-    prompts = {k.removeprefix("prompts."): v for k, v in state.items() if k.startswith("prompts.")}
+    # The weights file is plain open_clip; the prompts go beside it, with the method's own usage text.
+    assert "The frozen open_clip weights plus the prompts" in printed and "maple.extras.pt" in printed
+    assert torch.load(out, weights_only=True).keys() == model.clip.model.state_dict().keys()
+    extras = torch.load(tmp_path / "maple.extras.pt", weights_only=True)
+    prompts = {k.removeprefix("prompts."): v for k, v in extras.items() if k.startswith("prompts.")}
+    assert prompts.keys() == model.vl_prompts.state_dict().keys()
     assert all(torch.equal(prompts[k], v) for k, v in model.vl_prompts.state_dict().items())
-    plain = {k: v for k, v in state.items() if not k.startswith("prompts.")}
-    assert plain.keys() == model.clip.model.state_dict().keys()
 
 
 def test_two_process_ddp_keeps_the_prompts_and_their_aggregate_in_sync(tmp_path: Path) -> None:

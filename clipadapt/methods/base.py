@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
 import torch
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import Metric
 
+from clipadapt.checkpoints import keep_plain
 from clipadapt.data.templates import templates_for
 from clipadapt.models import CLIPBackbone
 
@@ -71,6 +72,10 @@ class Top1(Metric):
 
 class AdaptationModule(L.LightningModule):
     """Shared plumbing for every method; subclasses override the hooks above the marked line."""
+
+    # Arguments that may differ from a checkpoint's when it is evaluated (`clipadapt test --ckpt_path`):
+    # they only shape the evaluation. Any other model argument is the checkpoint's (the CLI refuses a change).
+    test_time_args: ClassVar[frozenset[str]] = frozenset({"prompts", "pretrained"})
 
     def __init__(
         self,
@@ -367,6 +372,7 @@ class AdaptationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         method = f"{type(self).__module__}.{type(self).__qualname__}"  # lets `clipadapt export` rebuild it
         checkpoint["clipadapt"] = {"stage": self.stage, "method": self.method_state(), "class_path": method}
+        keep_plain(checkpoint)  # so that it loads with weights_only=True (clipadapt.checkpoints)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before DDP wraps the model and before the optimizers are built on resume, so both

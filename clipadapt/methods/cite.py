@@ -35,7 +35,9 @@ Implementation choices (not in the paper):
   in the extra state. ModelCheckpoint saves during fit, so its checkpoints hold `finetuned` weights:
   `export_state_dict` returns their ensemble, evaluation outside fit (`clipadapt test --ckpt_path`,
   validate, predict) ensembles them first, a resumed fit ensembles once at its end, and training on
-  ensembled weights is refused rather than ensembling twice.
+  ensembled weights is refused rather than ensembling twice. For the same reason a checkpoint of
+  ensembled weights refuses another `ensemble_alpha` at test time (one saved during fit takes it).
+- `clipadapt export` with `eval_head: head` also writes W (ensembled like the towers) beside the weights.
 """
 
 import copy
@@ -48,6 +50,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from clipadapt.errors import ClipAdaptError
 from clipadapt.losses import alignment_loss, class_contrastive_loss, similarity_distillation_loss
 from clipadapt.methods.base import AdaptationModule
 
@@ -64,6 +67,9 @@ def weight_ensemble(finetuned: dict[str, Tensor], zeroshot: dict[str, Tensor], a
 
 class CLIPCITE(AdaptationModule):
     """Full fine-tuning with DVA + SCL + VLD, then a weight-space ensemble with zero-shot CLIP."""
+
+    # α and the head are applied when a checkpoint saved during fit is evaluated (the ensemble happens then).
+    test_time_args = AdaptationModule.test_time_args | {"ensemble_alpha", "eval_head"}
 
     def __init__(
         self,
@@ -190,11 +196,26 @@ class CLIPCITE(AdaptationModule):
         self.apply_ensemble()
 
     def export_state_dict(self) -> dict[str, Tensor]:
-        """The ensembled open_clip state dict, also from a checkpoint saved before the ensemble."""
-        weights = super().export_state_dict()
-        if self.weights == "finetuned":
-            return weight_ensemble(weights, self.zeroshot_weights(), self.hparams.ensemble_alpha)
+        """The ensembled open_clip state dict, also from a checkpoint saved before the ensemble (+ W with `head`)."""
+        weights, alpha = super().export_state_dict(), self.hparams.ensemble_alpha
+        finetuned = self.weights == "finetuned"
+        if finetuned:
+            weights = weight_ensemble(weights, self.zeroshot_weights(), alpha)
+        if self.hparams.eval_head == "head":  # W scores the training classes: it is part of the model
+            head = alpha * self.head + (1 - alpha) * self.teacher_text if finetuned else self.head
+            weights["head"] = head.detach()  # (C, D), as `apply_ensemble` would leave it
         return weights
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("hyper_parameters", {}).get("ensemble_alpha", self.hparams.ensemble_alpha)
+        ensembled = checkpoint["state_dict"].get("_extra_state", {}).get("weights") == "ensembled"
+        if ensembled and saved != self.hparams.ensemble_alpha:
+            raise ClipAdaptError(
+                f"this CLIP-CITE checkpoint holds weights already ensembled with ensemble_alpha={saved}, so "
+                f"ensemble_alpha={self.hparams.ensemble_alpha} cannot take effect: pass a checkpoint saved during fit "
+                "(a run's checkpoints/), or drop the flag"
+            )
 
     # ---- evaluation and checkpoints ----
 

@@ -46,6 +46,8 @@ from torch.func import functional_call, grad, vmap
 from torch.optim.adamw import adamw
 from torchvision.ops import roi_align
 
+from clipadapt import checkpoints
+from clipadapt.errors import ClipAdaptError
 from clipadapt.losses import MASK_REGULARIZERS, entropy, marginal_entropy, mask_regularizer
 from clipadapt.methods.base import AdaptationModule, Stage, run_seed
 from clipadapt.models.rational import QUERIES, RationalAdapter
@@ -53,6 +55,11 @@ from clipadapt.models.rational import QUERIES, RationalAdapter
 
 class RAda(AdaptationModule):
     """Rational adapter over CLIP; `setting` picks EFT, FFT (probe then finetune) or TTT (`clipadapt test`)."""
+
+    # TTT adapts at test time, and the attention-map chunk size only bounds memory.
+    test_time_args = AdaptationModule.test_time_args | {
+        "ttt_views", "ttt_select", "ttt_steps", "ttt_lr", "ttt_weight_decay", "ttt_mode", "ttt_seed", "max_map_elements"
+    }  # fmt: skip
 
     def __init__(
         self,
@@ -93,13 +100,18 @@ class RAda(AdaptationModule):
         # Seeds the TTT views: following the run's seed, seed-to-seed variance includes the views' randomness.
         self.ttt_seed = run_seed() if ttt_seed is None else ttt_seed
         self.adapter = RationalAdapter(self.clip.embed_dim, num_heads, temperature, queries, mask_net, max_map_elements)
-        if init_checkpoint:
-            # Your own EFT run's Lightning checkpoint (it pickles hyperparameters, hence weights_only=False).
-            state = torch.load(init_checkpoint, map_location="cpu", weights_only=False)
-            state = state.get("state_dict", state)
-            self.adapter.load_state_dict(
-                {k.removeprefix("adapter."): v for k, v in state.items() if k.startswith("adapter.")}
-            )
+        if init_checkpoint:  # an EFT run's checkpoint (or a state dict), read as data only
+            state = checkpoints.load(init_checkpoint, "init_checkpoint")
+            state = state.get("state_dict", state) if isinstance(state, dict) else {}
+            adapter = {k.removeprefix("adapter."): v for k, v in state.items() if k.startswith("adapter.")}
+            try:
+                self.adapter.load_state_dict(adapter)
+            except RuntimeError as err:
+                raise ClipAdaptError(
+                    f"init_checkpoint {init_checkpoint} holds no RAda adapter of this shape "
+                    f"({str(err).splitlines()[-1].strip()[:200]}): pass a checkpoint of a RAda run with the same "
+                    "arch, num_heads, queries and mask_net"
+                ) from None
         if setting == "fft":
             text = super().class_embeddings(self.hparams.classnames, self.hparams.templates)
             self.head = nn.Parameter(text.detach().clone())  # (C, D) W, from the zero-shot ensemble
@@ -126,6 +138,13 @@ class RAda(AdaptationModule):
     def class_embeddings(self, classnames: list[str], templates: list[str]) -> Tensor:
         rows = self.head_rows(self.head, classnames) if self.hparams.setting == "fft" else None
         return rows if rows is not None else super().class_embeddings(classnames, templates)
+
+    def export_state_dict(self) -> dict[str, Tensor]:
+        """The open_clip weights, the adapter (`adapter.*`) and, in FFT, the linear head W (`head`)."""
+        extras = {f"adapter.{name}": tensor for name, tensor in self.adapter.state_dict().items()}
+        if self.hparams.setting == "fft":
+            extras["head"] = self.head.detach()
+        return super().export_state_dict() | extras
 
     def _encoders_frozen(self) -> bool:
         return not any(p.requires_grad for _, p in self.clip.image_parameters())

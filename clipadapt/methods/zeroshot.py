@@ -36,3 +36,7 @@ class LinearProbe(AdaptationModule):
     def class_embeddings(self, classnames: list[str], templates: list[str]) -> Tensor:
         rows = self.head_rows(self.head, classnames)
         return rows if rows is not None else super().class_embeddings(classnames, templates)
+
+    def export_state_dict(self) -> dict[str, Tensor]:
+        """The (frozen) open_clip weights and the learned `head` (C, D)."""
+        return super().export_state_dict() | {"head": self.head.detach()}

@@ -33,6 +33,10 @@ Deliberate choices:
   rounding, and several times faster for short prompts (spec data.md §7).
 - A tag whose weights were trained with QuickGELU (`openai`, ...) forces QuickGELU even on an arch
   without the `-quickgelu` suffix; open_clip 3.x would only warn and build GELU.
+- A weights file is never run as code: open_clip reads state dicts with weights_only=True (a local file
+  is first checked by `clipadapt.checkpoints.read_weights`, so a file that is not weights ends in one
+  line), and a TorchScript archive (OpenAI's download) is never given to `torch.jit.load`, which would
+  run the archive's code: `clipadapt.checkpoints.read_torchscript` reads its tensors as data.
 - Weights that are not in the local cache fail within seconds when the Hub cannot be reached
   (open_clip itself retries for ~50 s), with a message on how to provide them.
 """
@@ -41,7 +45,6 @@ import difflib
 import hashlib
 import logging
 import os
-import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,6 +58,9 @@ from huggingface_hub.errors import HfHubHTTPError
 from open_clip.transformer import _expand_token, text_global_pool
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from clipadapt.checkpoints import is_torchscript, read_torchscript, read_weights
+from clipadapt.errors import ClipAdaptError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +93,23 @@ class CLIPBackbone(nn.Module):
         kwargs: dict[str, Any] = {}
         if pretrained:
             kwargs = _pretrained_kwargs(arch, pretrained, model_cfg, cache_dir)
-        self.model = open_clip.create_model(arch, precision="fp32", device="cpu", cache_dir=cache_dir, **kwargs)
+        path = kwargs.pop("pretrained", None)
+        # open_clip would torch.jit.load an archive, which runs the code inside it: its tensors are read here instead.
+        archive = path if path is not None and is_torchscript(path) else None
+        try:
+            weights = None if archive else path
+            self.model = open_clip.create_model(
+                arch, weights, precision="fp32", device="cpu", cache_dir=cache_dir, **kwargs
+            )
+            if archive:
+                _load_archive(self.model, archive, arch)
+        except RuntimeError as err:
+            if "state_dict" not in str(err):
+                raise
+            detail = "; ".join(line.strip() for line in str(err).splitlines()[1:])[:300]
+            raise ClipAdaptError(
+                f"pretrained {path} does not fit arch {arch!r} ({detail}): pass weights of {arch}"
+            ) from None
         self.tokenizer = open_clip.get_tokenizer(arch)
         visual = self.model.visual
         self.embed_dim: int = visual.output_dim
@@ -384,13 +406,12 @@ def _pretrained_kwargs(arch: str, pretrained: str, model_cfg: dict[str, Any], ca
         path = os.path.expanduser(pretrained)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Pretrained checkpoint file not found: {path}")
-        torchscript = _is_torchscript(path)
+        torchscript = is_torchscript(path)
+        if not torchscript:  # (an archive is read in full, as data, when the model is built)
+            read_weights(path)  # safe and cheap (mmap): a file that is not weights ends here in one line
         quick_gelu = torchscript  # a TorchScript archive is an original OpenAI checkpoint
         preprocess = {}
-    kwargs: dict[str, Any] = {"pretrained": path}
-    if torchscript:
-        # OpenAI's JIT archives (~/.cache/clip/*.pt) cannot be read with weights_only=True.
-        kwargs["weights_only"] = False
+    kwargs: dict[str, Any] = {"pretrained": path}  # open_clip reads a state dict with weights_only=True
     if quick_gelu and not model_cfg.get("quick_gelu", False):
         log.info("%s weights were trained with QuickGELU: building %s with force_quick_gelu=True", pretrained, arch)
         kwargs["force_quick_gelu"] = True
@@ -404,12 +425,18 @@ def _looks_like_path(value: str) -> bool:
     return "/" in value or os.sep in value or value.startswith("~") or bool(Path(value).suffix)
 
 
-def _is_torchscript(path: str) -> bool:
-    """Whether `path` is a TorchScript archive (what OpenAI's `clip` package downloads)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+def _load_archive(model: nn.Module, path: str, arch: str) -> None:
+    """Load the weights of a TorchScript archive (OpenAI's `clip` download), read as data, into `model`."""
+    tensors = read_torchscript(path)
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        raise ClipAdaptError(
+            f"pretrained {path} is a TorchScript archive without the weights of {arch!r} (no {missing[0]}, "
+            f"{len(missing)} missing): pass OpenAI's archive of this architecture or an open_clip state dict"
+        )
+    # Only the model's own entries: an archive also keeps attributes (OpenAI's input_resolution, ...) as tensors.
+    model.load_state_dict({name: tensors[name] for name in expected})
 
 
 def _hf_candidates(hf_hub: str) -> tuple[str, list[str]]:
@@ -442,7 +469,7 @@ def _resolve_tag(arch: str, tag: str, tag_cfg: dict[str, Any], cache_dir: str | 
     if tag_cfg.get("url"):
         path = os.path.join(url_cache, os.path.basename(tag_cfg["url"]))
         if _url_file_ok(path, tag_cfg["url"]):
-            return path, _is_torchscript(path)
+            return path, is_torchscript(path)
         looked_in.append(f"URL cache {path}")
 
     def unavailable(reason: str) -> PretrainedWeightsUnavailableError:
