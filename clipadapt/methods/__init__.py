@@ -4,21 +4,38 @@ from clipadapt.methods.adapt import Adapt
 from clipadapt.methods.base import AdaptationModule, Stage
 from clipadapt.methods.cite import CLIPCITE
 from clipadapt.methods.clip_ast import CLIPAST
+from clipadapt.methods.finetuning import FT, LPFT, CLIPLoRA, WiSEFT
 from clipadapt.methods.rada import RAda
 from clipadapt.methods.zeroshot import LinearProbe, ZeroShotCLIP
 
 METHODS: dict[str, type[AdaptationModule]] = {
-    m.__name__: m for m in (ZeroShotCLIP, LinearProbe, CLIPAST, Adapt, RAda, CLIPCITE)
+    m.__name__: m
+    for m in (
+        ZeroShotCLIP,
+        LinearProbe,
+        CLIPAST,
+        Adapt,
+        RAda,
+        CLIPCITE,
+        CLIPLoRA,
+        FT,
+        LPFT,
+        WiSEFT,
+    )
 }
 
 __all__ = [
     "Adapt",
     "CLIPAST",
     "CLIPCITE",
+    "CLIPLoRA",
+    "FT",
+    "LPFT",
     "METHODS",
     "AdaptationModule",
     "LinearProbe",
     "RAda",
     "Stage",
+    "WiSEFT",
     "ZeroShotCLIP",
 ]
