@@ -1,6 +1,7 @@
 """Every method, importable by class path (`clipadapt.methods.<Name>`) from a config."""
 
 from clipadapt.methods.adapt import Adapt
+from clipadapt.methods.adapters import CLIPAdapter, TipAdapter, TipAdapterF
 from clipadapt.methods.base import AdaptationModule, Stage
 from clipadapt.methods.cite import CLIPCITE
 from clipadapt.methods.clip_ast import CLIPAST
@@ -17,6 +18,9 @@ METHODS: dict[str, type[AdaptationModule]] = {
         Adapt,
         RAda,
         CLIPCITE,
+        CLIPAdapter,
+        TipAdapter,
+        TipAdapterF,
         CLIPLoRA,
         FT,
         LPFT,
@@ -27,6 +31,7 @@ METHODS: dict[str, type[AdaptationModule]] = {
 __all__ = [
     "Adapt",
     "CLIPAST",
+    "CLIPAdapter",
     "CLIPCITE",
     "CLIPLoRA",
     "FT",
@@ -36,6 +41,8 @@ __all__ = [
     "LinearProbe",
     "RAda",
     "Stage",
+    "TipAdapter",
+    "TipAdapterF",
     "WiSEFT",
     "ZeroShotCLIP",
 ]
