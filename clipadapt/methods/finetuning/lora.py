@@ -18,8 +18,8 @@ takes the backbone's explicit q/k/v branch; without dropout it trains through th
 
 Deviations, on purpose: the logit scale is CLIP's own exp(logit_scale) (100 for OpenAI weights; the
 public code hard-codes 100); the cosine schedule ends at 0 (public code: 1e-6); bf16 autocast from
-Lightning instead of fp16 autocast + GradScaler; the dataset template is CoOp's (for ImageNet the
-public code takes the first of CLIP's 7 selected templates, "itap of a {}.").
+Lightning instead of fp16 autocast + GradScaler. The template is CoOp's per-dataset one, as in the
+public code (its ImageNet list is "a photo of a {}." alone).
 """
 
 from collections.abc import Callable, Iterable
