@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from clipadapt.cli import main
-from clipadapt.data import CLIPDataModule
+from clipadapt.data import CLIPDataModule, write_synthetic
 from clipadapt.methods import CLIPAdapter, TipAdapter, TipAdapterF, ZeroShotCLIP
 from clipadapt.methods.adapters.clip_adapter import residual_blend
 from clipadapt.methods.adapters.tip_adapter import search_alpha_beta, search_grid, tip_logits
@@ -187,6 +190,17 @@ def test_tip_adapter_f_moves_the_keys_and_lowers_the_loss(tiny_data, cpu_trainer
     cpu_trainer(max_epochs=4, limit_val_batches=0).fit(model, tiny_data)
     assert not torch.equal(model.cache_keys, keys)
     assert epoch_loss(model, tiny_data, train_mode=True) < loss  # train mode: the initial α, β
+
+
+def test_ddp_ranks_share_rank_zeros_cache_and_choice(tmp_path):
+    write_synthetic(tmp_path / "data", "oxford_pets")
+    here = Path(__file__).resolve().parent
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
+    script = [sys.executable, str(here / "ddp_tip.py"), str(tmp_path / "data"), str(tmp_path)]
+    subprocess.run(script, cwd=tmp_path, env=env, check=True, capture_output=True)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert not torch.equal(rank0["local"], rank1["local"]), "the test needs ranks that would disagree on their own"
+    assert torch.equal(rank0["keys"], rank1["keys"]) and torch.equal(rank0["alpha"], rank1["alpha"])
 
 
 def test_bad_options_fail_at_construction(tiny_data):

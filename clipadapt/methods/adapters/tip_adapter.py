@@ -23,8 +23,8 @@ accuracy (`main.py`). Here the last epoch is kept, and a dataset without a valid
 (ImageNet) keeps `init_alpha`, `init_beta`; the choice is written to `tip_adapter.json` in the run folder.
 
 Implementation choices: the cache is built in `configure_model` (before the optimizer exists, so
-Tip-Adapter-F's keys have their final shape), in a sequential pass over the training split, under the
-trainer's precision; under DDP rank 0's cache is broadcast. A class's embedding is its text feature
+Tip-Adapter-F's keys have their final shape), in sequential passes over the training split, under the
+trainer's precision; under DDP every rank gets rank 0's cache with the module's state. A class's embedding is its text feature
 followed by its column of the cache values (`class_embeddings`), so an evaluation set of other
 classes (novel, cross-dataset) gets no cache votes and is zero-shot CLIP, and a subset of the training
 classes (ImageNet-A/R) votes with its own columns. The logit scale is CLIP's (100 for OpenAI weights).
@@ -148,11 +148,13 @@ class TipAdapter(AdaptationModule):
         self.to(self.trainer.strategy.root_device)  # the cache pass runs on the run's device, not the CPU
         train = self.trainer.datamodule.train_dataloader()
         views = [self._encode_split(train, normalize=False) for _ in range(self.hparams.augment_epochs)]
-        keys = F.normalize(torch.stack([v for v, _ in views]).mean(0), dim=-1)  # (N, D)
-        keys, labels = self.trainer.strategy.broadcast((keys.cpu(), views[0][1].cpu()), src=0)  # one cache on all ranks
-        self.cache_keys.data = keys.to(self.device)
-        self.cache_labels = labels.to(self.device)
-        rank_zero_info(f"Tip-Adapter: cache of {len(labels)} keys from {self.hparams.augment_epochs} augmented passes")
+        # Under DDP the ranks' views differ; Lightning then syncs parameters and buffers from rank 0 (DDP's start
+        # when fitting, `_sync_module_states` otherwise), so every rank uses rank 0's cache.
+        self.cache_keys.data = F.normalize(torch.stack([v for v, _ in views]).mean(0), dim=-1)  # (N, D)
+        self.cache_labels = views[0][1]
+        rank_zero_info(
+            f"Tip-Adapter: {len(self.cache_labels)} keys from {self.hparams.augment_epochs} augmented passes"
+        )
 
     def choose_alpha_beta(self) -> None:
         """Set α, β to the grid point with the best validation accuracy (kept where there is no validation split)."""
