@@ -18,7 +18,8 @@
 
 Decisions: the ensemble is applied at evaluation time (`models.weights.call_with_weights`), never in
 place, so the module and every checkpoint hold θ_ft, and one fit is tested at another α with
-`clipadapt test --ckpt_path CKPT --model.init_args.wise_alpha A`. θ_zs of the image tower is kept in
+`FT.load_from_checkpoint(CKPT, wise_alpha=A)` (LightningCLI's `--ckpt_path` would replace a
+command-line `wise_alpha` by the checkpoint's). θ_zs of the image tower is kept in
 the state dict (`zeroshot_visual`), so a checkpoint alone tests and exports the ensemble whatever
 `pretrained` is; it costs one image tower of memory and checkpoint size. Deviations: FT's head is
 frozen (WiSE-FT's end-to-end runs also train the head); LP-FT's probe is a few AdamW epochs on the
