@@ -5,8 +5,10 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,7 +113,9 @@ def test_search_keeps_the_first_best_grid_point():
 # ---- Tip-Adapter on the tiny model ----
 
 
-def run_test(model: torch.nn.Module, data: CLIPDataModule, cpu_trainer, tmp_path: Path) -> Path:
+def run_test(
+    model: torch.nn.Module, data: CLIPDataModule, cpu_trainer: Callable[..., L.Trainer], tmp_path: Path
+) -> Path:
     logger = CSVLogger(tmp_path, name="run")
     cpu_trainer(logger=logger).test(model, data)
     return Path(logger.log_dir)
