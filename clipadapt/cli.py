@@ -221,7 +221,7 @@ def data_main(argv: Sequence[str]) -> None:
 
 
 EXTRAS_USAGE = {  # how to use what an export writes beside the open_clip weights, by key prefix
-    # "prompts.": each prompting method says in its export_state_dict docstring how to rebuild its prompts
+    # any other key (prompts, adapters, caches): the method's export_state_dict docstring says how to use it
     "head": "the learned (C, D) class head, one row per extras['classnames']: "
     "logits = logit_scale.exp() * normalize(image_features) @ normalize(extras['head']).T",
     "adapter.": "RAda's rational adapter (clipadapt.models.rational.RationalAdapter state, keys adapter.*): "
@@ -278,8 +278,8 @@ def _export(ckpt: str, out: Path) -> None:
         torch.save(extras | {"classnames": list(hparams["classnames"])}, beside)
         print(f"wrote {beside}: what open_clip has no place for (the weights alone lack it)")
         print(f"load it with: extras = torch.load({str(beside)!r}, weights_only=True)")
-        if any(name.startswith("prompts.") for name in extras):
-            print(inspect.cleandoc(type(module).export_state_dict.__doc__ or "").replace("(state", "(extras"))
+        if any(not name.startswith(tuple(EXTRAS_USAGE)) for name in extras):  # the method says how to use its own
+            print(inspect.cleandoc(type(module).export_state_dict.__doc__ or ""))
         for prefix, usage in EXTRAS_USAGE.items():
             if any(name.startswith(prefix) for name in extras):
                 print(f"  {usage}")

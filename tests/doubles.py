@@ -6,6 +6,8 @@ from typing import Any
 
 import lightning as L
 import pytest
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clipadapt.data import CLIPDataModule
@@ -26,6 +28,20 @@ def tiny_datamodule(root: Path | str, cache_dir: Path | str, **overrides: Any) -
     """The oxford_pets-layout synthetic data at 32 px, loaded in the main process."""
     kwargs = dict(dataset="oxford_pets", num_shots=4, image_size=32, batch_size=4, num_workers=0)
     return CLIPDataModule(root=str(root), cache_dir=str(cache_dir), **(kwargs | overrides))
+
+
+def epoch_loss(model: nn.Module, datamodule: CLIPDataModule, train_mode: bool = False) -> float:
+    """Mean CE over one pass of the training loader with seeded (so repeatable) augmentation, without grad."""
+    mode = model.training
+    model.train(train_mode)
+    torch.manual_seed(0)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for images, labels in datamodule.train_dataloader():
+            total += F.cross_entropy(model(images), labels, reduction="sum").item()
+            count += len(labels)
+    model.train(mode)
+    return total / count
 
 
 def ddp_trainer(out: Path, **overrides: Any) -> L.Trainer:

@@ -41,9 +41,10 @@ def test_config_runs_through_the_cli(config: Path, tmp_path: Path):
     spec = yaml.safe_load(config.read_text())
     for name in needed_datasets(spec):
         write_synthetic(tmp_path / "data", resolve_dataset(name))
-    # zero-shot CLIP and test-time training have nothing to fit: they run as `clipadapt test`
+    # zero-shot CLIP, training-free Tip-Adapter and test-time training have nothing to fit: `clipadapt test`
     test_only = (
-        spec["model"]["class_path"].endswith("ZeroShotCLIP") or spec["model"]["init_args"].get("setting") == "ttt"
+        spec["model"]["class_path"].endswith(("ZeroShotCLIP", "TipAdapter"))
+        or spec["model"]["init_args"].get("setting") == "ttt"
     )
     main(
         ["test" if test_only else "fit"]

@@ -299,6 +299,6 @@ class Adapt(AdaptationModule):
         """The frozen open_clip weights plus `prompts.{tower}.{layer}` (P_l, W) live tokens.
 
         Not loadable by plain open_clip (it has no prompt seam): rebuild the prompts with
-        `CompactPrompts.from_state(state)` and pass them to `CLIPBackbone.encode_*(..., prompts=)`.
+        `CompactPrompts.from_state(extras)` and pass them to `CLIPBackbone.encode_*(..., prompts=)`.
         """
         return self.clip.model.state_dict() | self.compact_prompts().state()

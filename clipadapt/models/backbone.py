@@ -22,6 +22,12 @@ Prompts enter through three seams, each off by default (then the unchanged path 
   right after SOT, part of the embeddings), and at blocks 0 < j < J positions 1..P are replaced.
   Replacing in place keeps the sequence length, the causal mask and the EOT positions as they are.
 
+Low-rank q/k/v deltas enter through `lora=` (an object with `qkv_delta(tower, layer)`, e.g.
+`clipadapt.models.lora.LowRankQKV`): a block with a delta computes its attention explicitly
+(`_low_rank_block`), with the delta added to the fused q/k/v input projection. It is the path for
+a delta that depends on the input (LoRA's dropout); a plain weight change (merged LoRA) goes through
+the unchanged path with replaced weights instead (`qkv_weights` names them).
+
 With no prompts, `encode_image` and `encode_text(..., truncate=False)` are bit-identical to
 open_clip's own `encode_image` / `encode_text` in fp32; tests/test_backbone.py guards this, and
 tests/test_context.py checks the context and deep seams against open_clip's own forward with hooks.
@@ -45,7 +51,7 @@ import difflib
 import hashlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,6 +80,14 @@ class KVPrompts(Protocol):
 
     def kv_tokens(self, tower: str, layer: int) -> Tensor | None:
         """(P, W) extra key/value tokens of `tower` ("image" | "text") at block `layer`; None when none are live."""
+        ...
+
+
+class QKVDeltas(Protocol):
+    """What the encoders need from low-rank deltas: a block's addition to its fused q/k/v projection, or None."""
+
+    def qkv_delta(self, tower: str, layer: int) -> Callable[[Tensor], Tensor] | None:
+        """LN1 output (B, L, W) -> (B, L, 3W) addition to [q | k | v] at block `layer` of `tower`; None for none."""
         ...
 
 
@@ -133,8 +147,10 @@ class CLIPBackbone(nn.Module):
         normalize: bool = True,
         prompts: KVPrompts | None = None,
         deep: Sequence[Tensor | None] | None = None,
+        lora: QKVDeltas | None = None,
     ) -> Tensor:
-        """(B, 3, H, W) -> (B, D); mirrors VisionTransformer.forward block by block; optional K/V or deep prompts."""
+        """(B, 3, H, W) -> (B, D); mirrors VisionTransformer.forward block by block; optional K/V or deep prompts, or deltas."""
+        _check_one_seam(prompts, lora)
         visual = self.model.visual
         if deep is None:
             x = visual._embeds(images)  # (B, 1 + N, W): class token + patch tokens
@@ -147,7 +163,8 @@ class CLIPBackbone(nn.Module):
                 x = torch.cat([x[:, :-slots], _per_row(deep[index], x).to(x.dtype)], dim=1)
             tokens = prompts.kv_tokens("image", index) if prompts is not None else None
             if tokens is None:
-                x = _run_block(visual.transformer, block, x, attn_mask=None)  # (B, 1 + N (+ P), W)
+                delta = lora.qkv_delta("image", index) if lora is not None else None
+                x = _run_block(visual.transformer, block, x, attn_mask=None, delta=delta)  # (B, 1 + N (+ P), W)
             else:
                 x = _run_prompted_block(visual.transformer, block, x, tokens, attn_mask=None)  # (B, 1 + N, W)
         if slots:
@@ -158,9 +175,15 @@ class CLIPBackbone(nn.Module):
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
     def encode_text(
-        self, tokens: Tensor, normalize: bool = True, truncate: bool = True, prompts: KVPrompts | None = None
+        self,
+        tokens: Tensor,
+        normalize: bool = True,
+        truncate: bool = True,
+        prompts: KVPrompts | None = None,
+        lora: QKVDeltas | None = None,
     ) -> Tensor:
         """(N, 77) token ids -> (N, D); mirrors CLIP.encode_text, optionally cut after the last EOT and prompted."""
+        _check_one_seam(prompts, lora)
         model = self.model
         attn_mask = model.attn_mask  # (77, 77) additive causal mask, or None for bidirectional towers
         positional = model.positional_embedding  # (77, W)
@@ -172,7 +195,7 @@ class CLIPBackbone(nn.Module):
         cast_dtype = model.transformer.get_cast_dtype()
         x = model.token_embedding(tokens).to(cast_dtype)  # (N, L, W)
         x = x + positional.to(cast_dtype)
-        x = self._text_blocks(x, attn_mask, prompts)  # (N, L, W)
+        x = self._text_blocks(x, attn_mask, prompts, lora=lora)  # (N, L, W)
         pooled = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
         return self._project_text(pooled, normalize)
 
@@ -225,6 +248,7 @@ class CLIPBackbone(nn.Module):
         attn_mask: Tensor | None,
         prompts: KVPrompts | None,
         deep: Sequence[Tensor | None] | None = None,
+        lora: QKVDeltas | None = None,
     ) -> Tensor:
         """The text tower's blocks, then ln_final: (N, L, W) -> (N, L, W)."""
         model = self.model
@@ -237,7 +261,8 @@ class CLIPBackbone(nn.Module):
                 x = torch.cat([x[:, :1], tokens, x[:, 1 + slots :]], dim=1)  # positions 1..P replaced
             kv = prompts.kv_tokens("text", index) if prompts is not None else None
             if kv is None:
-                x = _run_block(model.transformer, block, x, attn_mask=attn_mask)  # (N, L, W)
+                delta = lora.qkv_delta("text", index) if lora is not None else None
+                x = _run_block(model.transformer, block, x, attn_mask=attn_mask, delta=delta)  # (N, L, W)
             else:
                 x = _run_prompted_block(model.transformer, block, x, kv, attn_mask=attn_mask)  # (N, L, W)
         return model.ln_final(x)
@@ -270,6 +295,7 @@ class CLIPBackbone(nn.Module):
         chunk_size: int = 1000,
         prompts: KVPrompts | None = None,
         normalize_each: bool = True,
+        lora: QKVDeltas | None = None,
     ) -> Tensor:
         """(C, D) unit class embeddings: per template encode + normalize, average, renormalize (CLIP ensemble).
 
@@ -283,7 +309,9 @@ class CLIPBackbone(nn.Module):
             tokens = self.tokenize([template.format(name) for name in classnames])  # (C, 77)
             features = torch.cat(
                 [
-                    self.encode_text(chunk.to(device), normalize=normalize_each, prompts=prompts)  # (chunk, D)
+                    self.encode_text(
+                        chunk.to(device), normalize=normalize_each, prompts=prompts, lora=lora
+                    )  # (chunk, D)
                     for chunk in tokens.split(chunk_size)
                 ]
             )  # (C, D)
@@ -299,6 +327,14 @@ class CLIPBackbone(nn.Module):
         for name, parameter in self.model.named_parameters():
             if name.split(".", 1)[0] in _TEXT_PARAMETER_ROOTS:
                 yield name, parameter
+
+    def qkv_weights(self, tower: str) -> list[tuple[str, nn.Parameter]]:
+        """Per block of `tower`, its fused (3W, W) [q; k; v] input-projection weight, named as in `model`."""
+        prefix = "visual.transformer" if tower == "image" else "transformer"
+        return [
+            (f"{prefix}.resblocks.{i}.attn.in_proj_weight", b.attn.in_proj_weight)
+            for i, b in enumerate(self.blocks(tower))
+        ]
 
     def blocks(self, tower: str) -> nn.ModuleList:
         """The residual blocks of `tower` ("image" or "text"), in order."""
@@ -322,11 +358,44 @@ def _per_row(tokens: Tensor, x: Tensor) -> Tensor:
     return tokens.unsqueeze(0).expand(x.shape[0], -1, -1)
 
 
-def _run_block(transformer: nn.Module, block: nn.Module, x: Tensor, attn_mask: Tensor | None) -> Tensor:
-    """One residual block, honouring open_clip's per-tower gradient-checkpointing flag."""
-    if transformer.grad_checkpointing and torch.is_grad_enabled():
+def _check_one_seam(prompts: KVPrompts | None, lora: QKVDeltas | None) -> None:
+    if prompts is not None and lora is not None:
+        raise ValueError("pass K/V prompts or q/k/v deltas to an encoder, not both: no block runs both seams")
+
+
+def _run_block(
+    transformer: nn.Module,
+    block: nn.Module,
+    x: Tensor,
+    attn_mask: Tensor | None,
+    delta: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """One residual block (with a q/k/v delta if given), honouring open_clip's per-tower gradient-checkpointing flag."""
+    checkpointed = transformer.grad_checkpointing and torch.is_grad_enabled()
+    if delta is not None:
+        if checkpointed:  # the default RNG-state preservation replays the delta's dropout masks
+            return checkpoint(_low_rank_block, block, x, delta, attn_mask, use_reentrant=False)
+        return _low_rank_block(block, x, delta, attn_mask)
+    if checkpointed:
         return checkpoint(block, x, None, None, attn_mask, use_reentrant=False)
     return block(x, attn_mask=attn_mask)
+
+
+def _low_rank_block(block: nn.Module, x: Tensor, delta: Callable[[Tensor], Tensor], attn_mask: Tensor | None) -> Tensor:
+    """ResidualAttentionBlock.forward with [q | k | v] = LN1(x)·W_inᵀ + b_in + delta(LN1(x)), attention written out.
+
+    nn.MultiheadAttention takes only its own in_proj_weight, so an input-dependent addition needs the
+    attention spelled out (scaled dot-product, the same heads and out_proj); equal to the block up to
+    float rounding when the delta is zero.
+    """
+    attn = block.attn
+    h = block.ln_1(x)  # (B, L, W)
+    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias) + delta(h)  # (B, L, 3W)
+    q, k, v = qkv.unflatten(-1, (3, attn.num_heads, attn.head_dim)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, W/H)
+    mask = attn_mask.to(q.dtype) if attn_mask is not None else None  # additive (L, L), as the block passes it
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, W/H)
+    x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).flatten(2)))  # (B, L, W)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 def _run_prompted_block(
