@@ -1,5 +1,6 @@
 """Test doubles and the tiny set-ups that several tests (and their DDP subprocesses) share."""
 
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -71,3 +72,10 @@ def one_line_error(argv: list[str]) -> str:
     message = exit_info.value.code
     assert isinstance(message, str) and message.startswith("clipadapt: error: ") and "\n" not in message, message
     return message
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (a fixed one collides with other runs on the same machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

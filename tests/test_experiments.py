@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from doubles import free_port
 
 from clipadapt import cli, experiments
 from clipadapt.data import write_synthetic
@@ -341,7 +342,7 @@ def test_slurm_script_hands_the_allocation_to_lightning(tmp_path: Path):
 
 def test_torchrun_script_trains_with_two_processes(tmp_path: Path):
     write_synthetic(tmp_path / "data", "oxford_pets")
-    env = os.environ | {"ACCELERATOR": "cpu", "PRECISION": "32-true", "NPROC": "2", "MASTER_PORT": "29533"}
+    env = os.environ | {"ACCELERATOR": "cpu", "PRECISION": "32-true", "NPROC": "2", "MASTER_PORT": str(free_port())}
     out = subprocess.run(
         ["bash", str(REPO / "scripts/torchrun.sh"), str(REPO / "configs/linear_probe_fewshot.yaml")]
         + ["--config", str(REPO / "configs/tiny.yaml"), "--data.root", str(tmp_path / "data")]
