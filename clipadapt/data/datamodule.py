@@ -289,22 +289,23 @@ class CLIPDataModule(L.LightningDataModule):
         data = self._load()
         missing = sorted(set(range(len(data["classnames"]))) - {d.label for d in data["train"]})
         if missing:
-            shown = ", ".join(repr(data["classnames"][label]) for label in missing[:5])
             raise ClipAdaptError(
                 f"{self.info.display}: {len(missing)} training class(es) have no image in the train split "
-                f"({split_source(self.root, self.dataset, 'train')}): {shown}{', ...' if len(missing) > 5 else ''}; "
+                f"({split_source(self.root, self.dataset, 'train')}): "
+                f"{_first([repr(data['classnames'][label]) for label in missing])}; "
                 "add train images for them, or evaluate without training (`clipadapt test`, e.g. zero-shot)"
             )
         # A header parse per file (not a decode) is cheap enough for 50k files, and catches the empty,
         # half-downloaded or non-image files that would otherwise end the run in the test after training.
+        # Every DDP rank checks every file, so all ranks stop together.
         paths = list(dict.fromkeys(d.path for _, items in self._load_eval() for d in items))
         show = self.trainer is None or self.trainer.is_global_zero
         bad = find_unreadable(paths, decode=False, progress=show, desc="test files")
         if bad:
-            first = ", ".join(path for path, _ in bad[:3])
             raise ClipAdaptError(
                 f"{len(bad)} of {len(paths)} test images cannot be opened, so the test after training would fail "
-                f"(first: {first}; {bad[0][1]}); replace them or remove them from the split "
+                f"(first: {_first([path for path, _ in bad], 3)}; {bad[0][1]}); "
+                "replace them or remove them from the split "
                 f"(`clipadapt data check --root {self.root} --dataset {self.dataset}` decodes and lists every one)"
             )
 
@@ -349,6 +350,11 @@ class CLIPDataModule(L.LightningDataModule):
         return self._eval_loader(self._load_eval()[0][1], "test")
 
 
+def _first(items: list[str], limit: int = 5) -> str:
+    """The first `limit` items, comma-separated, with ", ..." when there are more."""
+    return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
+
+
 def _check_numbers(seed: int, batch_size: int, eval_batch_size: int, num_workers: int) -> None:
     """ValueError naming the first data flag no run can use (the CLI prints it as one line)."""
     if seed < 0:  # random.seed(-s) is random.seed(s): a negative seed would silently repeat another draw
@@ -372,7 +378,7 @@ def summarize_dataset(
     splits = splits if splits is not None else read_splits(root, info.name)
     names = class_names(splits)
     folder = dataset_dir(root, info.name)
-    shown = ", ".join(prompt_names(names[:5])) + (", ..." if len(names) > 5 else "")
+    shown = _first(prompt_names(names))
     lines = [
         f"dataset:  {info.display}",
         f"folder:   {folder}",
@@ -382,7 +388,7 @@ def summarize_dataset(
     lines += [f"{split + ':':9} {len(splits[split])} images" for split in ("train", "val", "test")]
     untrained = sorted(set(range(len(names))) - {d.label for d in splits["train"]}) if splits["train"] else []
     if untrained:
-        shown = ", ".join(repr(names[label]) for label in untrained[:5]) + (", ..." if len(untrained) > 5 else "")
+        shown = _first([repr(names[label]) for label in untrained])
         lines.append(f"note:     {len(untrained)} class(es) have no train image ({shown}): `fit` refuses them")
     if info.test_only:
         lines.append("usage:    test-only (evaluation set)")
