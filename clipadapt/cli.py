@@ -59,7 +59,10 @@ class ClipAdaptCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self._get(self.config, "seed_everything") is False:  # not given: follow the data seed
             seed = self._get(self.config, "data.seed")
-            seed_everything(seed, workers=True)
+            try:
+                seed_everything(seed, workers=True)
+            except ValueError as err:  # runs before instantiate_classes' own one-line handling
+                sys.exit(f"clipadapt: error: data.seed {seed} cannot seed the run ({err}); the protocol uses 1, 2, 3")
             self.config[self.subcommand]["seed_everything"] = seed
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
@@ -204,20 +207,39 @@ def _check_folder(path: str | None, name: str) -> None:
 
 
 def data_main(argv: Sequence[str]) -> None:
-    """`clipadapt data check`: validate a dataset root and print what a run would see."""
+    """`clipadapt data check`: validate a dataset root, decode every image, print what a run would see."""
+    from clipadapt.data.images import check_images
+    from clipadapt.data.readers import read_splits
+
     parser = argparse.ArgumentParser(prog="clipadapt data", description="Dataset tools.")
     sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="validate a CoOp-layout root; print classes and split counts")
+    check = sub.add_parser(
+        "check", help="validate a CoOp-layout root: classes, split counts, and every image decoded (in parallel)"
+    )
     check.add_argument("--root", required=True, help="folder that holds the dataset folders (CoOp's $DATA)")
     check.add_argument("--dataset", required=True, help="dataset name, e.g. oxford_pets or OxfordPets")
     check.add_argument("--num-shots", type=int, default=0, help="also draw K shots per class (0: skip)")
     check.add_argument("--seed", type=int, default=1, help="seed of the few-shot draw")
+    check.add_argument("--workers", type=int, help="threads that decode images (default: CPUs + 4, at most 32)")
+    check.add_argument("--no-decode", action="store_true", help="check the layout and the split files only")
     args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        sys.exit(f"clipadapt data check: --workers must be 1 or more, got {args.workers}")
     try:
-        report = summarize_dataset(args.root, args.dataset, num_shots=args.num_shots, seed=args.seed)
+        splits = read_splits(args.root, args.dataset)
+        report = summarize_dataset(args.root, args.dataset, num_shots=args.num_shots, seed=args.seed, splits=splits)
     except (FileNotFoundError, ValueError) as err:
         sys.exit(f"clipadapt data check: {err}")
-    print(report)
+    print(report, flush=True)
+    if args.no_decode:
+        return
+    lines, bad = check_images(splits, workers=args.workers, progress=True)
+    print("\n".join(lines))
+    if bad:
+        sys.exit(
+            f"clipadapt data check: {bad} image(s) cannot be decoded (listed above); "
+            "replace them or remove them from the split"
+        )
 
 
 EXTRAS_USAGE = {  # how to use what an export writes beside the open_clip weights, by key prefix

@@ -1,7 +1,8 @@
 """Test doubles and the tiny set-ups that several tests (and their DDP subprocesses) share."""
 
+import json
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipadapt.data import CLIPDataModule
+from clipadapt.data.readers import resolve_dataset
 from clipadapt.methods import LinearProbe, Stage
 
 # A CPU trainer that writes and prints nothing unless a test asks for it.
@@ -79,3 +81,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---- damaged data: what users' roots hold (a class missing from train, a cut-off file, a repeated name) ----
+
+
+def edit_split(folder: Path, dataset: str, change: Callable[[dict], None]) -> None:
+    """Rewrite the split json of a synthetic `dataset` written into `folder` after `change` edited it in place."""
+    path = folder / resolve_dataset(dataset).split_file
+    split = json.loads(path.read_text())
+    change(split)
+    path.write_text(json.dumps(split))
+
+
+def drop_train_class(folder: Path, dataset: str, label: int) -> None:
+    """Remove every train entry of class `label` from the split json (its val and test images stay)."""
+    edit_split(folder, dataset, lambda split: split.update(train=[e for e in split["train"] if e[1] != label]))
+
+
+def truncate(path: str | Path) -> None:
+    """Cut an image file to half its bytes, as an interrupted copy leaves it: the header parses, the decode fails."""
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])

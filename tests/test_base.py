@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from clipadapt.data import CLIPDataModule
+from clipadapt.errors import ClipAdaptError
 from clipadapt.methods import LinearProbe, ZeroShotCLIP
 from clipadapt.methods.base import harmonic_mean
 
@@ -161,3 +162,25 @@ def test_a_learned_head_scores_any_subset_of_the_training_classes(tiny_data):
     torch.testing.assert_close(probe.class_embeddings(subset, tiny_data.templates), expected)
     other = probe.class_embeddings(["an unseen class"], tiny_data.templates)  # no trained row: text features
     torch.testing.assert_close(other, probe.clip.text_features(["an unseen class"], tiny_data.templates))
+
+
+def test_a_learned_head_keeps_repeated_class_names_apart():
+    # ImageNet's list, as open_clip ships it, repeats "missile" (rows 657 and 744); ImageNet-R holds the first only.
+    names = ["tench", "missile", "mailbox", "mitten", "missile", "zebra"]
+    templates = ["a photo of a {}."]
+    probe = LinearProbe(classnames=names, templates=templates, **TINY).eval()
+    with torch.no_grad():
+        probe.head.copy_(torch.randn_like(probe.head))  # the zero-shot init gives both "missile" rows one value
+    unit = F.normalize(probe.head, dim=-1)
+    torch.testing.assert_close(probe.class_embeddings(names, templates), unit)  # the training list: by position
+    for subset, rows in [
+        (["tench", "missile", "mailbox"], [0, 1, 2]),  # the neighbours single out the row
+        (["mitten", "missile"], [3, 4]),
+        (["tench", "missile", "missile", "zebra"], [0, 1, 4, 5]),
+        (["zebra", "tench"], [5, 0]),  # unique names: any order
+    ]:
+        torch.testing.assert_close(probe.class_embeddings(subset, templates), unit[rows])
+    # one row fits both (no neighbour between), or none (a subset out of the training order): no guess
+    for ambiguous in (["missile"], ["tench", "missile", "zebra"], ["mailbox", "missile", "mitten"]):
+        with pytest.raises(ClipAdaptError, match="'missile' is 2 training classes .*make the class names unique"):
+            probe.class_embeddings(ambiguous, templates)

@@ -4,13 +4,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DistributedSampler, SequentialSampler
+from doubles import drop_train_class, truncate
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from clipadapt.data import CLIPDataModule, EvalSet, write_synthetic
 from clipadapt.data.datamodule import ImageList, UnpaddedDistributedSampler, build_transform, summarize_dataset
 from clipadapt.data.fewshot import few_shot_splits
-from clipadapt.data.readers import read_splits
+from clipadapt.data.images import ImageReadError, check_images, find_unreadable
+from clipadapt.data.readers import Datum, read_splits
 from clipadapt.data.synthetic import synthetic_classnames
+from clipadapt.errors import ClipAdaptError
 
 N = 6
 NAMES = [n.replace("_", " ") for n in synthetic_classnames(N)]
@@ -126,10 +129,75 @@ def test_corrupt_image_names_the_path(tmp_path: Path) -> None:
     write_synthetic(tmp_path, "dtd", num_classes=2, train_per_class=2, val_per_class=1, test_per_class=1)
     items = read_splits(tmp_path, "dtd")["test"]
     Path(items[1].path).write_bytes(b"not an image")
-    ds = ImageList(items, build_transform(32, train=False))
+    ds = ImageList(items, build_transform(32, train=False), "test")
     assert ds[0][0].shape == (3, 32, 32)
-    with pytest.raises(RuntimeError, match=f"cannot read image {items[1].path}.*replace the file or remove it"):
+    with pytest.raises(ImageReadError, match=rf"cannot read image {items[1].path} \(test split\): .*replace the file"):
         ds[1]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_unreadable_image_is_one_line_also_from_a_loader_worker(tmp_path: Path, num_workers: int) -> None:
+    write_synthetic(tmp_path, "synthetic", num_classes=2, train_per_class=2, val_per_class=1, test_per_class=1)
+    items = read_splits(tmp_path, "synthetic")["train"]
+    truncate(items[2].path)
+    loader = DataLoader(ImageList(items, build_transform(32, train=True)), batch_size=4, num_workers=num_workers)
+    with pytest.raises(ImageReadError) as caught:
+        next(iter(loader))
+    message = str(caught.value)  # torch re-raises a worker's error with its whole traceback; one line is left
+    assert message.startswith(f"cannot read image {items[2].path} (train split): OSError: image file is truncated")
+    assert message.endswith("lists every unreadable image)") and "\n" not in message
+
+
+def test_a_class_without_train_images_keeps_its_label_name_and_half(tmp_path: Path) -> None:
+    folder = write_synthetic(tmp_path, "oxford_pets", num_classes=N, train_per_class=3, val_per_class=2)
+    drop_train_class(folder, "oxford_pets", 1)
+    dm = make(tmp_path, tmp_path, dataset="oxford_pets", num_shots=2, eval_sets=["all", "base", "novel"])
+    assert dm.classnames == NAMES and [s.classnames for s in dm.eval_sets] == [NAMES, NAMES[:3], NAMES[3:]]
+    dm.setup("test")  # zero-shot: scoring a class needs no train image
+    test = read_splits(tmp_path, "oxford_pets")["test"]
+    assert [d.label for d in dm.test_dataloader()[1].dataset.items] == [d.label for d in test if d.label < 3]
+    with pytest.raises(ClipAdaptError, match=rf"1 training class\(es\) have no image in the train split \({folder}"):
+        dm.setup("fit")
+    base = make(tmp_path, tmp_path, dataset="oxford_pets", num_shots=2, subsample="base")
+    assert base.classnames == NAMES[:3]
+    with pytest.raises(ClipAdaptError, match=f"split_zhou_OxfordPets.json\\): '{NAMES[1]}'; add train images"):
+        base.setup("fit")
+    make(tmp_path, tmp_path, dataset="oxford_pets", num_shots=2, subsample="novel").setup("fit")  # all have some
+    assert f"note:     1 class(es) have no train image ('{NAMES[1].replace(' ', '_')}')" in summarize_dataset(
+        tmp_path, "oxford_pets"
+    )
+
+
+def test_fit_opens_every_test_file_first(tmp_path: Path) -> None:
+    write_synthetic(tmp_path, "synthetic", num_classes=2, train_per_class=2, val_per_class=2, test_per_class=2)
+    test = read_splits(tmp_path, "synthetic")["test"]
+    truncate(test[0].path)  # the header still parses: left to `data check`, which decodes
+    make(tmp_path, tmp_path, dataset="synthetic", num_shots=2).setup("fit")
+    Path(test[3].path).write_bytes(b"")
+    with pytest.raises(ClipAdaptError, match=rf"1 of 4 test images cannot be opened.*first: {test[3].path};"):
+        make(tmp_path, tmp_path, dataset="synthetic", num_shots=2).setup("fit")
+
+
+def test_find_unreadable_opens_or_decodes_in_parallel(tmp_path: Path) -> None:
+    write_synthetic(tmp_path, "synthetic", num_classes=2, train_per_class=4, val_per_class=0, test_per_class=0)
+    paths = [d.path for d in read_splits(tmp_path, "synthetic")["train"]]
+    truncate(paths[5])
+    Path(paths[2]).write_bytes(b"GIF89a")  # a header with nothing behind it
+    Path(paths[6]).write_bytes(b"not an image")
+    header = find_unreadable(paths, decode=False, workers=3)
+    assert [p for p, _ in header] == [paths[2], paths[6]]
+    decoded = find_unreadable(paths, workers=3)
+    assert [p for p, _ in decoded] == [paths[2], paths[5], paths[6]] and decoded == find_unreadable(paths, workers=1)
+    assert "UnidentifiedImageError" in decoded[2][1] and "truncated" in decoded[1][1]
+    lines, bad = check_images({"train": [Datum(p, 0, "x") for p in paths]}, limit=2)
+    assert bad == 3 and lines[0] == "unreadable: 3 of 8 images cannot be decoded:"
+    assert lines[1].startswith(f"  {paths[2]} (train split): ") and lines[3] == "  ... and 1 more"
+
+
+def test_impossible_loader_numbers_are_refused(root: Path, tmp_path: Path) -> None:
+    for flag, value in [("seed", -1), ("batch_size", 0), ("eval_batch_size", 0), ("num_workers", -1)]:
+        with pytest.raises(ValueError, match=rf"^data\.{flag} must be .*, got {value}$"):
+            make(root, tmp_path, dataset="synthetic", **{flag: value})
 
 
 def test_transforms() -> None:

@@ -127,6 +127,21 @@ def test_base_novel_hand_checked() -> None:
     assert subsample_classes(splits, "all") == splits
 
 
+def test_base_novel_are_halves_of_the_given_class_list() -> None:
+    # Class 1 has no train image. CoOp's default halves the train labels [0, 2, 3] (base [0, 2]); the
+    # datamodule passes the whole list [0, 1, 2, 3], whose base is [0, 1], so label 2 stays novel.
+    splits = {
+        "train": [Datum(f"t{y}", y, f"n{y}") for y in (0, 2, 3)],
+        "test": [Datum(f"x{y}", y, f"n{y}") for y in (3, 2, 1, 0)],
+    }
+    assert [(d.path, d.label) for d in subsample_classes(splits, "base")["test"]] == [("x2", 1), ("x0", 0)]
+    base = subsample_classes(splits, "base", range(4))
+    assert [(d.path, d.label) for d in base["test"]] == [("x1", 1), ("x0", 0)]
+    assert [(d.path, d.label) for d in base["train"]] == [("t0", 0)]
+    novel = subsample_classes(splits, "novel", range(4))
+    assert [(d.path, d.label) for d in novel["test"]] == [("x3", 1), ("x2", 0)]
+
+
 def test_base_novel_even_and_from_first_non_empty_split() -> None:
     assert subsample_labels(range(4), "base") == [0, 1] and subsample_labels(range(4), "novel") == [2, 3]
     only_test = {"train": [], "test": [Datum(str(y), y, str(y)) for y in (3, 0, 1)]}

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from clipadapt.data import DATASETS, write_synthetic
-from clipadapt.data.readers import class_names, dataset_dir, read_splits, resolve_dataset
+from clipadapt.data.readers import class_names, dataset_dir, read_splits, resolve_dataset, split_source
 from clipadapt.data.synthetic import synthetic_classnames
 from clipadapt.data.templates import (
     DATASET_TEMPLATES,
@@ -103,6 +103,21 @@ def test_imagenet_folders_and_classnames(root: Path) -> None:
     v2 = read_splits(root, "imagenet_v2")["test"]
     assert all(Path(d.path).parent.name == str(d.label) for d in v2)
     assert class_names({"test": v2}) == class_names(splits)
+
+
+def test_imagenet_labels_stay_with_their_wnid_when_a_train_folder_is_missing(tmp_path: Path) -> None:
+    folder = write_synthetic(tmp_path, "imagenet", num_classes=4, train_per_class=2, test_per_class=1, image_size=8)
+    train_dir = split_source(tmp_path, "imagenet", "train")
+    assert train_dir == folder / "images" / "train" and split_source(tmp_path, "imagenet", "test").name == "val"
+    (gone,) = [d for d in sorted(train_dir.iterdir()) if d.is_dir()][1:2]
+    for f in gone.iterdir():
+        f.unlink()
+    gone.rmdir()  # class 1 has test images only
+    splits = read_splits(tmp_path, "imagenet")
+    assert sorted({d.label for d in splits["train"]}) == [0, 2, 3]
+    label_of = {Path(d.path).parent.name: d.label for d in splits["test"]}
+    assert all(label_of[Path(d.path).parent.name] == d.label for d in splits["train"])
+    assert class_names(splits) == synthetic_classnames(4)
 
 
 @pytest.mark.parametrize("name", ["imagenet_a", "imagenet_r"])

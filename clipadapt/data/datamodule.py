@@ -4,6 +4,14 @@ The training classes (`classnames`), the dataset's template (`templates`) and th
 (`eval_sets`) are available right after `__init__`, because the CLI links them into the model when
 it instantiates it. Evaluation loaders use `UnpaddedDistributedSampler`, so under DDP every test
 image is counted exactly once (the stock DistributedSampler pads with duplicates).
+
+The class list is the split file's as a whole (every label of train, val and test, names by label),
+never only the labels the few-shot train split holds: a class with no train image keeps its label
+and name, `test` scores it, and `fit` refuses to start (naming the class and the split file) rather
+than train a head row it never sees. Before training, `fit` also opens every test file (a header
+parse, no decode, in parallel), so a corrupt test image ends the run before training, not after it.
+Deviation: Dassl takes the classes from the train split; the same list whenever every class has a
+train image, which holds for all CoOp datasets.
 """
 
 import logging
@@ -17,15 +25,16 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
 from clipadapt.data.fewshot import few_shot_splits, load_few_shot, read_dassl_cache, subsample_classes, subsample_labels
-from clipadapt.data.readers import Datum, class_names, dataset_dir, read_splits, resolve_dataset
+from clipadapt.data.images import find_unreadable, read_rgb
+from clipadapt.data.readers import Datum, class_names, dataset_dir, read_splits, resolve_dataset, split_source
 from clipadapt.data.synthetic import write_synthetic
 from clipadapt.data.templates import templates_for
+from clipadapt.errors import ClipAdaptError
 
 __all__ = [
     "CLIP_MEAN",
@@ -55,25 +64,19 @@ class EvalSet:
 
 
 class ImageList(Dataset):
-    """(image, label) pairs from a list of `Datum`; an unreadable file raises an error naming it."""
+    """(image, label) pairs from a list of `Datum`; an unreadable file raises `ImageReadError` naming it and `split`."""
 
-    def __init__(self, items: Sequence[Datum], transform: T.Compose) -> None:
+    def __init__(self, items: Sequence[Datum], transform: T.Compose, split: str = "train") -> None:
         self.items = list(items)
         self.transform = transform
+        self.split = split
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label, _ = self.items[index]
-        try:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB")  # grey and CMYK files exist in the real datasets
-        except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for broken files
-            raise RuntimeError(
-                f"cannot read image {path} ({err}); replace the file or remove it from the split"
-            ) from err
-        return self.transform(rgb), label
+        return self.transform(read_rgb(path, self.split)), label
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -157,6 +160,7 @@ class CLIPDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        _check_numbers(seed=seed, batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers)
         self.info = resolve_dataset(dataset)
         if subsample not in SUBSET_ENTRIES:
             raise ValueError(f"subsample must be one of all, base, novel, got {subsample!r}")
@@ -208,8 +212,10 @@ class CLIPDataModule(L.LightningDataModule):
         self._ensure_synthetic()
 
     def setup(self, stage: str | None = None) -> None:
-        """Read splits and draw the few-shot subsets (cached; also done lazily by the properties)."""
+        """Read splits and draw the few-shot subsets (cached; also done lazily by the properties); check before fit."""
         self._load()
+        if stage == "fit":
+            self._check_fit()
         if stage in (None, "test", "predict"):
             self._load_eval()
 
@@ -228,15 +234,18 @@ class CLIPDataModule(L.LightningDataModule):
                 f"{self.info.display} is test-only (an OOD evaluation set); train on imagenet and list "
                 f"{self.dataset} in data.eval_sets"
             )
+        # Every label of train, val and test: a class with no train image keeps its label and name.
         names = class_names(splits)
         folder = dataset_dir(self.root, self.dataset)
         train, val = load_few_shot(
             splits["train"], splits["val"], self.num_shots, self.seed, folder, self.dataset, self.cache_dir
         )
-        # Dassl subsamples after the draw, with the classes of the few-shot train split.
+        # Dassl subsamples after the draw; base/novel are halves of the whole class list (Dassl: of the labels in
+        # the few-shot train split, the same list whenever every class has a train image).
         few = {"train": train, "val": val, "test": splits["test"]}
-        kept = subsample_labels([d.label for d in train], self.subsample)
-        chosen = subsample_classes(few, self.subsample)
+        labels = range(len(names))
+        kept = subsample_labels(labels, self.subsample)
+        chosen = subsample_classes(few, self.subsample, labels)
         self._data = {
             "few": few,
             "train": chosen["train"],
@@ -254,12 +263,12 @@ class CLIPDataModule(L.LightningDataModule):
         for entry in self.eval_set_names:
             if entry in SUBSET_ENTRIES:
                 mode = SUBSET_ENTRIES[entry]
-                # The base/novel classes are defined by the train split, whatever the training subsample is.
-                pair = subsample_classes({"train": data["few"]["train"], "test": data["few"]["test"]}, mode)
-                kept = subsample_labels([d.label for d in data["few"]["train"]], mode)
-                names = prompt_names([data["names"][label] for label in kept])
+                # The base/novel classes are halves of the whole class list, whatever the training subsample is.
+                labels = range(len(data["names"]))
+                test = subsample_classes({"test": data["few"]["test"]}, mode, labels)["test"]
+                names = prompt_names([data["names"][label] for label in subsample_labels(labels, mode)])
                 name = self.dataset if mode == "all" else mode
-                sets.append((EvalSet(name, names, self.templates, self.dataset), pair["test"]))
+                sets.append((EvalSet(name, names, self.templates, self.dataset), test))
             else:
                 info = resolve_dataset(entry)
                 splits = read_splits(self.root, info.name)
@@ -275,10 +284,35 @@ class CLIPDataModule(L.LightningDataModule):
         self._eval = sets
         return sets
 
+    def _check_fit(self) -> None:
+        """Refuse to train when a training class has no train image or a test image cannot be opened."""
+        data = self._load()
+        missing = sorted(set(range(len(data["classnames"]))) - {d.label for d in data["train"]})
+        if missing:
+            raise ClipAdaptError(
+                f"{self.info.display}: {len(missing)} training class(es) have no image in the train split "
+                f"({split_source(self.root, self.dataset, 'train')}): "
+                f"{_first([repr(data['classnames'][label]) for label in missing])}; "
+                "add train images for them, or evaluate without training (`clipadapt test`, e.g. zero-shot)"
+            )
+        # A header parse per file (not a decode) is cheap enough for 50k files, and catches the empty,
+        # half-downloaded or non-image files that would otherwise end the run in the test after training.
+        # Every DDP rank checks every file, so all ranks stop together.
+        paths = list(dict.fromkeys(d.path for _, items in self._load_eval() for d in items))
+        show = self.trainer is None or self.trainer.is_global_zero
+        bad = find_unreadable(paths, decode=False, progress=show, desc="test files")
+        if bad:
+            raise ClipAdaptError(
+                f"{len(bad)} of {len(paths)} test images cannot be opened, so the test after training would fail "
+                f"(first: {_first([path for path, _ in bad], 3)}; {bad[0][1]}); "
+                "replace them or remove them from the split "
+                f"(`clipadapt data check --root {self.root} --dataset {self.dataset}` decodes and lists every one)"
+            )
+
     # ---- loaders ----
 
-    def _eval_loader(self, items: list[Datum]) -> DataLoader:
-        ds = ImageList(items, build_transform(self.image_size, train=False))
+    def _eval_loader(self, items: list[Datum], split: str) -> DataLoader:
+        ds = ImageList(items, build_transform(self.image_size, train=False), split)
         return DataLoader(
             ds,
             batch_size=self.eval_batch_size,
@@ -305,24 +339,46 @@ class CLIPDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         """The few-shot val split ([] where the dataset has none, e.g. ImageNet)."""
         items = self._load()["val"]
-        return self._eval_loader(items) if items else []
+        return self._eval_loader(items, "val") if items else []
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per evaluation set, in the order of `eval_sets`."""
-        return [self._eval_loader(items) for _, items in self._load_eval()]
+        return [self._eval_loader(items, "test") for _, items in self._load_eval()]
 
     def predict_dataloader(self) -> DataLoader:
         """The first evaluation set."""
-        return self._eval_loader(self._load_eval()[0][1])
+        return self._eval_loader(self._load_eval()[0][1], "test")
 
 
-def summarize_dataset(root: str | os.PathLike, dataset: str, num_shots: int = 0, seed: int = 1) -> str:
-    """A human report of a dataset on disk (`clipadapt data check`); raises the readers' clear errors."""
+def _first(items: list[str], limit: int = 5) -> str:
+    """The first `limit` items, comma-separated, with ", ..." when there are more."""
+    return ", ".join(items[:limit]) + (", ..." if len(items) > limit else "")
+
+
+def _check_numbers(seed: int, batch_size: int, eval_batch_size: int, num_workers: int) -> None:
+    """ValueError naming the first data flag no run can use (the CLI prints it as one line)."""
+    if seed < 0:  # random.seed(-s) is random.seed(s): a negative seed would silently repeat another draw
+        raise ValueError(f"data.seed must be 0 or more (the protocol uses 1, 2, 3), got {seed}")
+    for flag, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if value < 1:
+            raise ValueError(f"data.{flag} must be 1 or more (images per step and device), got {value}")
+    if num_workers < 0:
+        raise ValueError(f"data.num_workers must be 0 (load in the main process) or more, got {num_workers}")
+
+
+def summarize_dataset(
+    root: str | os.PathLike,
+    dataset: str,
+    num_shots: int = 0,
+    seed: int = 1,
+    splits: dict[str, list[Datum]] | None = None,
+) -> str:
+    """A human report of a dataset on disk (`clipadapt data check`; `splits` if already read); raises clear errors."""
     info = resolve_dataset(dataset)
-    splits = read_splits(root, info.name)
+    splits = splits if splits is not None else read_splits(root, info.name)
     names = class_names(splits)
     folder = dataset_dir(root, info.name)
-    shown = ", ".join(prompt_names(names[:5])) + (", ..." if len(names) > 5 else "")
+    shown = _first(prompt_names(names))
     lines = [
         f"dataset:  {info.display}",
         f"folder:   {folder}",
@@ -330,6 +386,10 @@ def summarize_dataset(root: str | os.PathLike, dataset: str, num_shots: int = 0,
         f"classes:  {len(names)} ({shown})",
     ]
     lines += [f"{split + ':':9} {len(splits[split])} images" for split in ("train", "val", "test")]
+    untrained = sorted(set(range(len(names))) - {d.label for d in splits["train"]}) if splits["train"] else []
+    if untrained:
+        shown = _first([repr(names[label]) for label in untrained])
+        lines.append(f"note:     {len(untrained)} class(es) have no train image ({shown}): `fit` refuses them")
     if info.test_only:
         lines.append("usage:    test-only (evaluation set)")
     else:

@@ -8,6 +8,10 @@ reproduces the draw without touching global state.
 
 Base-to-novel (CoOp's `subsample_classes`): the sorted labels of the train split, first ceil(n/2)
 are base and the rest novel; every split is filtered and relabelled 0..len-1 in sorted order.
+Deliberate deviation: the datamodule passes the whole class list of the split file instead of the
+labels its few-shot train split holds (Dassl's), so a class without train images cannot move the
+base/novel boundary or shift the names of the classes after it. With every class in train (all
+CoOp datasets) the two lists are the same, and so are the halves.
 
 Caches: an existing Dassl cache `<dataset_dir>/split_fewshot/shot_K-seed_S.pkl` is read (without
 Dassl) so published draws are reproduced exactly, e.g. ImageNet's, which depend on Dassl's unsorted
@@ -25,7 +29,7 @@ import pickle
 import random
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from clipadapt.data.readers import Datum
@@ -81,7 +85,7 @@ def few_shot_splits(
     return few_train, few_val
 
 
-def subsample_labels(labels: Sequence[int], subsample: str) -> list[int]:
+def subsample_labels(labels: Iterable[int], subsample: str) -> list[int]:
     """The sorted labels kept by `subsample` ("all" | "base" | "novel", alias "new"); base = first ceil(n/2)."""
     mode = _mode(subsample)
     unique = sorted(set(labels))
@@ -89,12 +93,20 @@ def subsample_labels(labels: Sequence[int], subsample: str) -> list[int]:
     return {"all": unique, "base": unique[:m], "novel": unique[m:]}[mode]
 
 
-def subsample_classes(splits: dict[str, list[Datum]], subsample: str) -> dict[str, list[Datum]]:
-    """Keep base or novel classes in every split and relabel them 0..len-1 (labels from the train split)."""
+def subsample_classes(
+    splits: dict[str, list[Datum]], subsample: str, labels: Iterable[int] | None = None
+) -> dict[str, list[Datum]]:
+    """Keep base or novel classes in every split and relabel them 0..len-1.
+
+    The halves are taken of `labels` (the datamodule passes the whole class list); CoOp's default takes
+    the labels of the train split (the first non-empty split if there is none).
+    """
     if _mode(subsample) == "all":
         return {name: list(items) for name, items in splits.items()}
-    source = splits.get("train") or next((items for items in splits.values() if items), [])
-    relabel = {old: new for new, old in enumerate(subsample_labels([d.label for d in source], subsample))}
+    if labels is None:
+        source = splits.get("train") or next((items for items in splits.values() if items), [])
+        labels = [d.label for d in source]
+    relabel = {old: new for new, old in enumerate(subsample_labels(labels, subsample))}
     return {
         name: [d._replace(label=relabel[d.label]) for d in items if d.label in relabel]
         for name, items in splits.items()

@@ -25,6 +25,7 @@ __all__ = [
     "dataset_dir",
     "read_splits",
     "resolve_dataset",
+    "split_source",
 ]
 
 LAYOUT_HINT = "the expected layout is the one of CoOp's DATASETS.md (github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md)"
@@ -211,13 +212,18 @@ def _read_classnames(info: DatasetInfo, folder: Path) -> dict[str, str]:
     return names
 
 
-def _read_class_folders(info: DatasetInfo, split_dir: Path, names: dict[str, str]) -> list[Datum]:
-    """Label = position of the wnid folder among the sorted folders of `split_dir`."""
+def _read_class_folders(
+    info: DatasetInfo, split_dir: Path, names: dict[str, str], wnids: list[str] | None = None
+) -> list[Datum]:
+    """Label = position of the wnid folder among `wnids` (default: the sorted folders of `split_dir`)."""
     _check_dir(split_dir, f"image folder of {info.display}")
+    folders = _listdir(split_dir, dirs=True)
+    label_of = {wnid: label for label, wnid in enumerate(wnids or folders)}
     items = []
-    for label, wnid in enumerate(_listdir(split_dir, dirs=True)):
+    for wnid in folders:
         if wnid not in names:
             raise ValueError(f"{info.display}: folder {split_dir / wnid} has no line in {info.split_file}")
+        label = label_of[wnid]
         items += [Datum(str(split_dir / wnid / f), label, names[wnid]) for f in _listdir(split_dir / wnid, dirs=False)]
     return items
 
@@ -225,11 +231,16 @@ def _read_class_folders(info: DatasetInfo, split_dir: Path, names: dict[str, str
 def _read_folders(info: DatasetInfo, folder: Path) -> dict[str, list[Datum]]:
     names = _read_classnames(info, folder)
     if info.reader == "imagenet":
-        image_dir = folder / info.image_dir
+        train_dir, test_dir = folder / info.image_dir / "train", folder / info.image_dir / "val"
+        for split_dir in (train_dir, test_dir):
+            _check_dir(split_dir, f"image folder of {info.display}")
+        # One label per wnid of either split (Dassl: per folder of each split, which shifts every label after a
+        # class folder that only one split has; the same labels when both hold every class).
+        wnids = sorted({*_listdir(train_dir, dirs=True), *_listdir(test_dir, dirs=True)})
         return {
-            "train": _read_class_folders(info, image_dir / "train", names),
+            "train": _read_class_folders(info, train_dir, names, wnids),
             "val": [],  # ImageNet has no separate val; its official val set is the test split
-            "test": _read_class_folders(info, image_dir / "val", names),
+            "test": _read_class_folders(info, test_dir, names, wnids),
         }
     if info.reader == "imagenet_v2":
         # Folders are label integers; the classname is the one at that position of classnames.txt.
@@ -267,6 +278,17 @@ def read_splits(root: str | os.PathLike, name: str | DatasetInfo) -> dict[str, l
     folder = root_path / info.folder
     _check_dir(folder, f"dataset folder of {info.display}")
     return _READERS[info.reader](info, folder)
+
+
+def split_source(root: str | os.PathLike, name: str | DatasetInfo, split: str) -> Path:
+    """The file (or folder) that lists `split` of a dataset, for messages."""
+    info = resolve_dataset(name)
+    folder = dataset_dir(root, info)
+    if info.reader == "aircraft":
+        return folder / f"images_variant_{split}.txt"
+    if info.reader == "imagenet":
+        return folder / info.image_dir / ("train" if split == "train" else "val")
+    return folder / (info.split_file if info.reader == "json" else info.image_dir)
 
 
 def class_names(splits: dict[str, list[Datum]]) -> list[str]:

@@ -29,6 +29,7 @@ from torchmetrics import Metric
 
 from clipadapt.checkpoints import keep_plain
 from clipadapt.data.templates import templates_for
+from clipadapt.errors import ClipAdaptError
 from clipadapt.models import CLIPBackbone
 
 
@@ -155,13 +156,37 @@ class AdaptationModule(L.LightningModule):
     def head_rows(self, head: Tensor, classnames: list[str]) -> Tensor | None:
         """(C, D) unit rows of a learned (C_train, D) class head for `classnames`; None if one is not a training class.
 
-        A set of training classes (all, or a subset such as ImageNet-A's 200) is scored with the head; any
-        other class set (novel, cross-dataset) has no trained rows and falls back to the text features.
+        The training list itself is scored row by row, by position (ImageNet's list, as open_clip ships it,
+        repeats "missile" and "sunglasses"). A subset of the training classes (ImageNet-R's 200 of 1000, base
+        of all) is matched by name. A name the training list repeats is matched by order, as subsets keep the
+        training order (ImageNet-A/R list sorted wnids, as ImageNet does): between the rows of the nearest
+        classes around it, its rows are taken in order when there are as many as the subset has copies of it
+        there (ImageNet-R's "missile" is row 657, not 744); otherwise ClipAdaptError rather than a guess.
+        Any other class set (novel, cross-dataset) has no trained rows and falls back to the text features.
         """
-        rows = {name: i for i, name in enumerate(self.hparams.classnames)}
-        if not all(name in rows for name in classnames):
+        train = list(self.hparams.classnames)
+        if list(classnames) == train:
+            return F.normalize(head, dim=-1)
+        where: dict[str, list[int]] = {}
+        for i, name in enumerate(train):
+            where.setdefault(name, []).append(i)
+        if not all(name in where for name in classnames):
             return None
-        return F.normalize(head[[rows[name] for name in classnames]], dim=-1)
+        rows = [where[name][0] if len(where[name]) == 1 else None for name in classnames]
+        for j, name in enumerate(classnames):
+            if rows[j] is None:
+                low = next((r for r in reversed(rows[:j]) if r is not None), -1)
+                k = next((i for i in range(j + 1, len(rows)) if rows[i] is not None), len(rows))
+                high = rows[k] if k < len(rows) else len(train)
+                fits = [i for i in where[name] if low < i < high]
+                if len(fits) != classnames[j:k].count(name):  # as many rows as copies up to the next unique name
+                    raise ClipAdaptError(
+                        f"class {name!r} is {len(where[name])} training classes (rows {where[name]}) and the order "
+                        "of this evaluation set does not tell which one it is; make the class names unique in "
+                        "the dataset's class list (e.g. classnames.txt)"
+                    )
+                rows[j] = fits[0]
+        return F.normalize(head[rows], dim=-1)
 
     def encode_classes(self, classnames: list[str], templates: list[str]) -> Tensor:
         """(C, D) unit text features of the classes; a method that feeds the text tower more overrides this."""
