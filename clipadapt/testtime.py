@@ -80,7 +80,7 @@ def confident_views(logits: Tensor, share: float) -> Tensor:
     return entropy(logits).argsort(dim=-1, stable=True)[..., :keep]
 
 
-def test_views(images: Tensor, views: int, seed: int, augment: str = "crop") -> Tensor:
+def augmented_views(images: Tensor, views: int, seed: int, augment: str = "crop") -> Tensor:
     """(N, 3, H, W) normalized test images -> (N, V, 3, H, W) views, view 0 the image: `crop` or `augmix`."""
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")

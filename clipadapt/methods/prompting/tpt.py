@@ -40,7 +40,7 @@ from clipadapt.errors import ClipAdaptError
 from clipadapt.losses import marginal_entropy
 from clipadapt.methods.base import AdaptationModule, run_seed
 from clipadapt.models.context import TextContext, init_context
-from clipadapt.testtime import AUGMENTS, confident_views, test_views
+from clipadapt.testtime import AUGMENTS, augmented_views, confident_views
 
 
 class TPT(AdaptationModule):
@@ -104,32 +104,34 @@ class TPT(AdaptationModule):
             raise ClipAdaptError(
                 "TPT tunes its prompt at test time: set `trainer.inference_mode: false` (the configs do)"
             )
-        views = test_views(images, self.hparams.views, self.view_seed, self.hparams.augment)  # (N, V, 3, H, W)
+        views = augmented_views(images, self.hparams.views, self.view_seed, self.hparams.augment)  # (N, V, 3, H, W)
         with torch.no_grad():
             features = torch.stack([self.clip.encode_image(v) for v in views]).float()  # (N, V, D), frozen
-        return self.tune(features, classnames)
+            contexts = self.tune(features, classnames)  # (N, M, W)
+            scale = self.clip.logit_scale.exp().float()
+            logits = [scale * f[0] @ self._text(classnames, c).T for f, c in zip(features, contexts, strict=True)]
+        return torch.stack(logits)  # (N, C): each image by its own tuned context
 
     def tune(self, features: Tensor, classnames: list[str]) -> Tensor:
-        """(N, V, D) unit view features, view 0 the image itself -> (N, C) logits after per-image tuning."""
+        """(N, V, D) unit view features, view 0 the image itself -> (N, M, W) contexts, each tuned on its image alone."""
         hp = self.hparams
         scale = self.clip.logit_scale.detach().exp().float()
         with torch.enable_grad():
             start = self.context.vectors.detach().clone().requires_grad_()  # (M, W)
             text = self._text(classnames, start)  # (C, D): every image's first step starts from here
             keep = confident_views(scale * features @ text.detach().T, hp.select)  # (N, k), fixed at step 0
-            out = []
+            tuned = []
             for image, chosen in zip(features, keep, strict=True):
                 context = start.detach().clone()  # reset: each image starts from the initial context ...
                 optimizer = torch.optim.AdamW([context], lr=hp.lr, weight_decay=hp.weight_decay)  # ... and state
                 for step in range(hp.steps):
                     leaf = start if step == 0 else context.requires_grad_()
-                    tuned = text if step == 0 else self._text(classnames, context)  # (C, D)
-                    loss = marginal_entropy(scale * image[chosen] @ tuned.T)  # H(p̄) over the k chosen views
+                    classes = text if step == 0 else self._text(classnames, context)  # (C, D)
+                    loss = marginal_entropy(scale * image[chosen] @ classes.T)  # H(p̄) over the k chosen views
                     (context.grad,) = torch.autograd.grad(loss, leaf, retain_graph=step == 0)
                     optimizer.step()
-                with torch.no_grad():
-                    out.append(scale * image[0] @ self._text(classnames, context.detach()).T)  # (C,)
-        return torch.stack(out)  # (N, C)
+                tuned.append(context.detach())
+        return torch.stack(tuned)  # (N, M, W)
 
     def _text(self, classnames: list[str], context: Tensor) -> Tensor:
         return self.context.features(self.clip, classnames, context=context, chunk_size=self.hparams.chunk_size).float()
