@@ -175,3 +175,19 @@ def test_fit_of_a_method_with_nothing_to_train_is_one_line(config, tmp_path):
         + ["--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path)]
     )
     assert "has nothing to train" in message and "clipadapt test" in message
+
+
+def test_cli_test_under_inference_mode_is_one_line(tmp_path):
+    write_synthetic(tmp_path / "data", "oxford_pets", num_classes=2, test_per_class=1)
+    message = one_line_error(
+        [
+            "test",
+            "--config",
+            str(REPO / "configs" / "tpt_finegrained.yaml"),
+            "--config",
+            str(REPO / "configs" / "tiny.yaml"),
+        ]
+        + ["--data.root", str(tmp_path / "data"), "--data.dataset", "oxford_pets", "--trainer.inference_mode", "true"]
+        + ["--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path)]
+    )
+    assert "inference_mode: false" in message

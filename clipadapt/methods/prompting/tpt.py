@@ -136,10 +136,6 @@ class TPT(AdaptationModule):
     def _text(self, classnames: list[str], context: Tensor) -> Tensor:
         return self.context.features(self.clip, classnames, context=context, chunk_size=self.hparams.chunk_size).float()
 
-    def export_state_dict(self) -> dict[str, Tensor]:
-        """The frozen open_clip weights plus `prompts.vectors`, the (M, W) initial context TPT tunes per image."""
-        return self.clip.model.state_dict() | self.context.state_dict(prefix="prompts.")
-
 
 def coop_context(path: str, width: int) -> Tensor:
     """The shared (M, W) context of a CoOp checkpoint (`context.vectors`) or export (`prompts.vectors`)."""
