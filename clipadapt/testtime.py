@@ -134,8 +134,7 @@ def augmix_step(x: Tensor, ops: Tensor, levels: Tensor, signs: Tensor) -> Tensor
             x[rows] = point_op(name, x[rows], levels[rows])
     rows = (ops >= len(POINT_OPS)).nonzero().flatten()
     if len(rows):
-        names = [AUGMIX_OPS[int(i)] for i in ops[rows]]
-        x[rows] = affine_ops(x[rows], names, levels[rows], signs[rows])
+        x[rows] = affine_ops(x[rows], ops[rows] - len(POINT_OPS), levels[rows], signs[rows])
     return x
 
 
@@ -162,27 +161,26 @@ def point_op(name: str, x: Tensor, levels: Tensor) -> Tensor:
     return lut.clamp(max=255).gather(-1, flat).view_as(q).float() / 255
 
 
-def affine_ops(x: Tensor, names: list[str], levels: Tensor, signs: Tensor) -> Tensor:
-    """PIL's rotate / shear / translate at severity 1 on (R, 3, H, W): bilinear, black outside."""
+def affine_ops(x: Tensor, ops: Tensor, levels: Tensor, signs: Tensor) -> Tensor:
+    """PIL's rotate / shear / translate (`ops[r]` an index into AFFINE_OPS) at severity 1 on (R, 3, H, W)."""
     rows, _, height, width = x.shape
-    matrices = torch.eye(3, device=x.device).repeat(rows, 1, 1)  # (R, 3, 3): output pixel -> input pixel
-    for r, name in enumerate(names):
-        level, sign = float(levels[r]), float(signs[r])
-        if name == "rotate":  # int(level·30/10) degrees, counter-clockwise about the centre
-            theta = math.radians(sign * int(level * 3))
-            cos, sin = math.cos(theta), math.sin(theta)
-            cx, cy = width / 2, height / 2
-            matrices[r, :2] = torch.tensor(
-                [[cos, -sin, cx - cos * cx + sin * cy], [sin, cos, cy - sin * cx - cos * cy]]
-            )
-        elif name.startswith("shear"):  # level·0.3/10 = up to 0.03
-            matrices[r, 0 if name == "shear_x" else 1, 1 if name == "shear_x" else 0] = sign * level * 0.03
-        else:  # int(level·(224/3)/10) px of a 224 px image
-            shift = sign * int(level * 224 / 3 / 10) * (width if name == "translate_x" else height) / 224
-            matrices[r, 0 if name == "translate_x" else 1, 2] = shift
+    rotate, shear_x, shear_y, translate_x, translate_y = (ops == k for k in range(len(AFFINE_OPS)))  # (R,) each
+    shear = signs * levels * 0.03  # level·0.3/10
+    shift = signs * (levels * 224 / 3 / 10).floor() / 224  # int(level·(224/3)/10) px of a 224 px image
+    zero = torch.zeros_like(levels)
+    # PIL's inverse map, output pixel (x, y) -> input (a·x + b·y + c, d·x + e·y + f)
+    a = e = torch.ones_like(levels)
+    b, d = torch.where(shear_x, shear, zero), torch.where(shear_y, shear, zero)
+    c, f = torch.where(translate_x, shift * width, zero), torch.where(translate_y, shift * height, zero)
+    theta = torch.deg2rad(signs * (levels * 3).floor())  # int(level·30/10) degrees, counter-clockwise
+    cos, sin, cx, cy = theta.cos(), theta.sin(), width / 2, height / 2  # about the centre
+    a, b, d, e = (torch.where(rotate, r, v) for r, v in ((cos, a), (-sin, b), (sin, d), (cos, e)))
+    c = torch.where(rotate, cx - cos * cx + sin * cy, c)
+    f = torch.where(rotate, cy - sin * cx - cos * cy, f)
+    matrices = torch.stack([a, b, c, d, e, f], 1).view(rows, 2, 3)  # (R, 2, 3)
     ys, xs = torch.meshgrid(torch.arange(height, device=x.device), torch.arange(width, device=x.device), indexing="ij")
     centres = torch.stack([xs, ys, torch.ones_like(xs)], -1).float() + torch.tensor([0.5, 0.5, 0.0], device=x.device)
-    source = torch.einsum("rij,hwj->rhwi", matrices, centres)[..., :2]  # (R, H, W, 2) input pixel coordinates
+    source = torch.einsum("rij,hwj->rhwi", matrices, centres)  # (R, H, W, 2) input pixel coordinates
     grid = 2 * source / torch.tensor([width, height], device=x.device) - 1  # align_corners=False convention
     inside = ((source >= 0) & (source < torch.tensor([width, height], device=x.device))).all(-1)  # (R, H, W)
     # PIL blends the edge pixels with their clamped neighbours and paints black only what maps outside.

@@ -14,7 +14,7 @@ from clipadapt.data import CLIPDataModule, write_synthetic
 from clipadapt.errors import ClipAdaptError
 from clipadapt.losses import marginal_entropy
 from clipadapt.methods import TPT, CoOp
-from clipadapt.testtime import affine_ops, augmented_views, confident_views, point_op
+from clipadapt.testtime import AFFINE_OPS, affine_ops, augmented_views, augmix_step, confident_views, point_op
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,9 +83,22 @@ def test_augmix_affine_ops_match_pil(name, sign, data):
     else:
         reference = image.transform((24, 24), Image.AFFINE, data, resample=Image.BILINEAR)
     x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255
-    got = affine_ops(x, [name], torch.tensor([0.9 if data is None else 1.0]), torch.tensor([sign]))
+    op = torch.tensor([AFFINE_OPS.index(name)])
+    got = affine_ops(x, op, torch.tensor([0.9 if data is None else 1.0]), torch.tensor([sign]))
     expected = torch.from_numpy(np.array(reference)).permute(2, 0, 1)[None].float() / 255
     torch.testing.assert_close(got, expected, rtol=0, atol=1.01 / 255)
+
+
+def test_augmix_step_applies_each_row_its_own_op():
+    x = torch.rand(10, 3, 16, 16)
+    ops = torch.tensor([-1, 0, 1, 2, 3, 4, 5, 6, 7, 8])  # none, then every op of AUGMIX_OPS once
+    levels, signs = torch.rand(10) * 0.9 + 0.1, torch.tensor([1.0, -1.0] * 5)
+    got = augmix_step(x, ops, levels, signs)
+    assert torch.equal(got[0], x[0])
+    for r in range(1, 10):
+        one = augmix_step(x[r : r + 1], ops[r : r + 1], levels[r : r + 1], signs[r : r + 1])
+        torch.testing.assert_close(got[r : r + 1], one, rtol=0, atol=1e-6)
+    assert not torch.allclose(got[1:], x[1:])
 
 
 def test_augmix_views_keep_the_image_and_follow_its_pixels():
