@@ -15,7 +15,9 @@ prediction:
 then x is classified with the tuned context; the context and its optimizer start afresh for the
 next image. Everything but the context is frozen. Augmented views, as the public code draws them: for
 ImageNet and its variants a random resized crop + flip (`augment: crop`); for the fine-grained sets
-AugMix (severity 1) on such a crop (`augment: augmix`; `clipadapt.testtime`).
+AugMix (severity 1) on such a crop (`augment: augmix`; `clipadapt.testtime`). The public code
+decides by the set's id (`augmix=len(set_id) > 1`: the one-letter ImageNet ids get crops only), so
+the configs do: `tpt_imagenet_ood.yaml` crops, `tpt_finegrained.yaml` AugMix.
 
 Exactness: images are tuned one at a time, each from its own reset context and a fresh AdamW, so a
 prediction does not depend on the other images of the batch or on their order. The text features of
@@ -28,6 +30,7 @@ Deliberate deviations:
   `clipadapt.testtime`), not by PIL from the raw file with the global RNG.
 - `init_checkpoint` (CoOp+TPT) takes the checkpoint's context as it is: its M wins over `n_ctx`.
 - Mixed precision is Lightning's (bf16 autocast, no GradScaler); the public code uses fp16 + GradScaler.
+- The selection and the loss use the views' logits in fp32 (`losses.entropy`, `marginal_entropy`).
 """
 
 from typing import Any
