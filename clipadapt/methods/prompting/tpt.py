@@ -30,7 +30,7 @@ Deliberate deviations:
   `clipadapt.testtime`), not by PIL from the raw file with the global RNG.
 - `init_checkpoint` (CoOp+TPT) takes the checkpoint's context as it is: its M wins over `n_ctx`.
 - Mixed precision is Lightning's (bf16 autocast, no GradScaler); the public code uses fp16 + GradScaler.
-- The selection and the loss use the views' logits in fp32 (`losses.entropy`, `marginal_entropy`).
+- Entropies (selection, loss) are taken in fp32 of the autocast logits (`losses.entropy`, `marginal_entropy`).
 """
 
 from typing import Any
