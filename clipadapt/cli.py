@@ -228,7 +228,7 @@ def data_main(argv: Sequence[str]) -> None:
     try:
         splits = read_splits(args.root, args.dataset)
         report = summarize_dataset(args.root, args.dataset, num_shots=args.num_shots, seed=args.seed, splits=splits)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ClipAdaptError) as err:
         sys.exit(f"clipadapt data check: {err}")
     print(report, flush=True)
     if args.no_decode:
