@@ -8,7 +8,8 @@ dataset itself (not a folder of datasets):
   (and optionally `val/`) subfolders that each hold class folders. Labels are the positions of the
   class folders in sorted order (as torchvision's ImageFolder; in the subfolder layout, of every
   class folder of any split). Class names are the folder names (prompts turn `_` into spaces), or
-  the names given by `ROOT/classnames.txt`, one `<folder> <class name>` per line (ImageNet's format).
+  the names given by `ROOT/classnames.txt`, one `<folder> <class name>` per line (ImageNet's format;
+  a line belongs to the longest folder name it starts with, so folder names may hold spaces).
 - `manifest`: ROOT is a `.csv` or `.json` file (or a folder with `manifest.csv` / `manifest.json`)
   listing `path,label[,split]`. A CSV may start with a header naming the columns (`path`, `label`,
   `split`, any order); JSON is a list of `{"path", "label"[, "split"]}` objects or of
@@ -130,9 +131,12 @@ def _folder_names(root: Path, folders: list[str]) -> dict[str, str]:
         return {f: f for f in folders}
     given = {}
     for line in path.read_text().splitlines():
-        folder, _, name = line.strip().partition(" ")
-        if folder:
-            given[folder] = name.strip() or folder
+        line = line.strip()
+        # Folder names may hold spaces: a line belongs to the longest folder name it starts with.
+        starts = [f for f in folders if line == f or line.startswith(f + " ")]
+        if starts:
+            folder = max(starts, key=len)
+            given[folder] = line[len(folder) :].strip() or folder
     missing = [f for f in folders if f not in given]
     if missing:
         raise ClipAdaptError(
