@@ -167,7 +167,8 @@ def prepare(
         for _, path in fetched:
             if path.parent == store:
                 path.unlink(missing_ok=True)
-        if store.is_dir() and not any(store.iterdir()):
-            store.rmdir()
+        for folder in (store, store.parent) if downloads is None else (store,):  # a given --downloads stays
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
     say(f"prepared {target}")
     return target
