@@ -248,3 +248,14 @@ def test_config_runs_on_own_data(config: Path, dataset: str, items: list[Datum],
     metrics = json.loads((run / "test_metrics.json").read_text())
     assert any(k.endswith("/acc") for k in metrics)
     assert all(0 <= v <= 100 for k, v in metrics.items() if k.endswith("acc") or k == "test/hm")
+
+
+def test_fit_on_bad_own_data_ends_in_one_line(items: list[Datum], tmp_path: Path) -> None:
+    root = write_imagefolder(tmp_path, items)
+    (root / "empty_class").mkdir()
+    with pytest.raises(SystemExit, match=r"clipadapt: error: 1 empty class folder\(s\) in .*: empty_class") as err:
+        main(
+            ["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--data.dataset", "imagefolder"]
+            + ["--data.root", str(root), "--trainer.default_root_dir", str(tmp_path)]
+        )
+    assert "\n" not in str(err.value.code)

@@ -213,3 +213,18 @@ def test_the_table_covers_every_coop_dataset_and_matches_the_readers() -> None:
     assert drive_ids == {
         "https://drive.usercontent.google.com/download?id=1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x&export=download&confirm=t"
     }
+
+
+def test_a_file_put_in_the_downloads_folder_is_verified(dtd_served, tmp_path: Path, capsys) -> None:
+    server, archive = dtd_served
+    root = tmp_path / "DATA"
+    placed = root / DOWNLOADS / "dtd" / "dtd-r1.0.1.tar.gz"
+    placed.parent.mkdir(parents=True)
+    placed.write_bytes(archive[:-1] + b"x")  # a damaged copy
+    with pytest.raises(SystemExit, match=r"checksum mismatch for .*dtd-r1\.0\.1\.tar\.gz .*it was deleted"):
+        main(["data", "prepare", "dtd", "--root", str(root), "--mirror", server.url])
+    assert not placed.exists() and server.requests == []
+    placed.write_bytes(archive)  # a good copy is used without downloading it
+    main(["data", "prepare", "dtd", "--root", str(root), "--mirror", server.url])
+    assert [path for path, _ in server.requests] == ["/dtd/split_zhou_DescribableTextures.json"]
+    assert "all 24 decode" in capsys.readouterr().out

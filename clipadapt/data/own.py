@@ -219,7 +219,7 @@ def _manifest_rows(path: Path) -> list[tuple[int, str, object, str | None]]:
         return rows
     if path.suffix.lower() != ".csv":
         raise ClipAdaptError(f"manifest {path}: expected a .csv or .json file")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
         table = [r for r in csv.reader(f) if any(cell.strip() for cell in r)]
     if not table:
         raise ClipAdaptError(f"manifest {path} is empty")
