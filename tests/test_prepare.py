@@ -109,6 +109,7 @@ def leftovers(root: Path) -> list[str]:
 def test_prepare_builds_a_root_that_data_check_passes(dtd_served, tmp_path: Path, capsys) -> None:
     server, _ = dtd_served
     root = tmp_path / "DATA"
+    (root / ".dtd.tmp-killed").mkdir(parents=True)  # a half-built folder of a killed earlier prepare
     main(["data", "prepare", "dtd", "--root", str(root), "--mirror", server.url])
     out = capsys.readouterr().out
     assert "prepared" in out and "classes:  3" in out and "all 24 decode" in out  # data check ran on it

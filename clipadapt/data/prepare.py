@@ -134,7 +134,10 @@ def prepare(
         _verified_local(path, download)
         if not path.is_file():
             say(f"downloading {download.name}" + (f" ({download.note})" if download.note else ""))
-        return fetch(_urls(download, info.folder, mirror), path, download.checksum, progress=progress)
+        try:
+            return fetch(_urls(download, info.folder, mirror), path, download.checksum, progress=progress)
+        except ClipAdaptError as err:  # with where the file comes from, for the manual step
+            raise ClipAdaptError(f"{err} (source: {download.note or download.urls[0]})") from err
 
     if source.manual:  # ImageNet: the images come by hand; classnames.txt is fetched
         images = [target / info.image_dir / split for split in ("train", "val")]
@@ -154,6 +157,8 @@ def prepare(
     if source.note:
         say(f"note: {source.note}")
     fetched = [(download, get(download)) for download in source.files]  # all verified before anything is built
+    for stale in root_path.glob(f".{info.folder}.tmp-*"):  # what a killed earlier prepare left
+        shutil.rmtree(stale)
     building = Path(tempfile.mkdtemp(prefix=f".{info.folder}.tmp-", dir=root_path))
     try:
         for download, path in fetched:
