@@ -163,6 +163,7 @@ def _rewrite(path: Path, edit) -> None:
         (lambda ls: [*ls, ls[1]], r"lists 1 path\(s\) twice: images/.* \(rows 2 and \d+\)"),
         (lambda ls: [ls[0], ls[1].replace(",train", ",training"), *ls[2:]], r"row 2: split 'training' is not one of"),
         (lambda ls: [ls[0], ls[1].rsplit(",", 1)[0] + ",", *ls[2:]], r"1 row\(s\) have no split"),
+        (lambda ls: [*ls, "images/x.png,,train"], r"row \d+: label '' is neither a class name nor an integer"),
     ],
 )
 def test_manifest_errors_are_one_line(items: list[Datum], tmp_path: Path, edit, message: str) -> None:

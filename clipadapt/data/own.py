@@ -286,6 +286,9 @@ def read_manifest(root: str | os.PathLike) -> dict[str, list[Datum]]:
     rows = _manifest_rows(path)
     if not rows:
         raise ClipAdaptError(f"manifest {path} lists no images")
+    for i, _, label, _ in rows:
+        if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
+            raise ClipAdaptError(f"{path}, row {i}: label {label!r} is neither a class name nor an integer")
     names, label_of = _manifest_classes(path, [label for _, _, label, _ in rows])
     seen: dict[str, int] = {}
     duplicates, missing, items = [], [], []
@@ -300,7 +303,8 @@ def read_manifest(root: str | os.PathLike) -> dict[str, list[Datum]]:
             missing.append(full)
         if split is not None and split not in SPLITS:
             raise ClipAdaptError(f"{path}, row {i}: split {split!r} is not one of train, val, test")
-        items.append((Datum(full, label_of[label], names[label_of[label]]), split))
+        index = label_of[label] if label in label_of else label_of[str(label)]
+        items.append((Datum(full, index, names[index]), split))
     if duplicates:
         raise ClipAdaptError(f"{path} lists {len(duplicates)} path(s) twice: {_first(duplicates)}; keep one row each")
     if missing:
