@@ -141,11 +141,14 @@ def prepare(
 
     if source.manual:  # ImageNet: the images come by hand; classnames.txt is fetched
         images = [target / info.image_dir / split for split in ("train", "val")]
-        if not (target / "classnames.txt").is_file():
-            target.mkdir(exist_ok=True)
-            shutil.copyfile(get(CLASSNAMES), target / "classnames.txt")
-        if not all(folder.is_dir() for folder in images):
+        missing = not all(folder.is_dir() for folder in images)
+        if missing:
             say(source.manual.format(folder=target, root=root_path))
+        if not (target / "classnames.txt").is_file():
+            names = get(CLASSNAMES)
+            target.mkdir(exist_ok=True)
+            shutil.copyfile(names, target / "classnames.txt")
+        if missing:
             raise ClipAdaptError(
                 f"{info.display}: {images[0]} and {images[1]} are needed; do the manual steps above, then run "
                 "the command again"
