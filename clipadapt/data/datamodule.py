@@ -31,16 +31,8 @@ from torchvision import transforms as T
 
 from clipadapt.data.fewshot import few_shot_splits, load_few_shot, read_dassl_cache, subsample_classes, subsample_labels
 from clipadapt.data.images import find_unreadable, read_rgb
-from clipadapt.data.own import split_origin
-from clipadapt.data.readers import (
-    OWN_DATA,
-    Datum,
-    class_names,
-    dataset_dir,
-    read_splits,
-    resolve_dataset,
-    split_source,
-)
+from clipadapt.data.own import OWN_DATA, split_origin
+from clipadapt.data.readers import Datum, class_names, dataset_dir, read_splits, resolve_dataset, split_source
 from clipadapt.data.synthetic import write_synthetic
 from clipadapt.data.templates import templates_for
 from clipadapt.errors import ClipAdaptError

@@ -37,11 +37,12 @@ import os
 import random
 from pathlib import Path
 
-from clipadapt.data.readers import SPLITS, Datum, absolute_root
+from clipadapt.data.readers import OWN_DATA, SPLITS, Datum, absolute_root
 from clipadapt.errors import ClipAdaptError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "OWN_DATA",
     "SPLIT_RATIO",
     "SPLIT_SEED",
     "manifest_path",
