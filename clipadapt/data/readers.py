@@ -2,7 +2,9 @@
 
 One table (`DATASETS`) says where each dataset lives under the data root; four readers turn that
 layout into `Datum` lists: a split json (`[relpath, label, classname]`), FGVCAircraft's txt files,
-ImageNet-style class folders with `classnames.txt`, and ImageNetV2's numbered folders.
+ImageNet-style class folders with `classnames.txt`, and ImageNetV2's numbered folders. The user's
+own data (`imagefolder`, `manifest`; rows of `OWN_DATASETS`, whose root is the dataset itself) goes
+through the same `read_splits` into `clipadapt.data.own`.
 
 Deliberate deviation from Dassl: folder listings are *sorted* (Dassl used `os.listdir`, whose order
 depends on the filesystem), so folder-listed datasets give the same items, and therefore the same
