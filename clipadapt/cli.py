@@ -207,7 +207,8 @@ def _check_folder(path: str | None, name: str) -> None:
 
 
 def data_main(argv: Sequence[str]) -> None:
-    """`clipadapt data check`: validate a dataset root, decode every image, print what a run would see."""
+    """`clipadapt data check` / `prepare`: (download and arrange, then) validate a dataset, decode every image."""
+    from clipadapt.data import prepare
     from clipadapt.data.images import check_images
     from clipadapt.data.readers import read_splits
 
@@ -222,13 +223,20 @@ def data_main(argv: Sequence[str]) -> None:
     check.add_argument("--seed", type=int, default=1, help="seed of the few-shot draw")
     check.add_argument("--workers", type=int, help="threads that decode images (default: CPUs + 4, at most 32)")
     check.add_argument("--no-decode", action="store_true", help="check the layout and the split files only")
+    prepare.add_arguments(sub.add_parser("prepare", help="download, verify and arrange a CoOp dataset, then check it"))
     args = parser.parse_args(argv)
+    if args.command == "prepare":  # then checked like `data check`
+        try:
+            prepare.prepare(args.dataset, args.root, args.mirror, args.downloads, args.keep_downloads, say=print)
+        except (ValueError, ClipAdaptError) as err:
+            sys.exit(f"clipadapt data prepare: {err}")
+        args.num_shots, args.seed, args.workers = 0, 1, None
     if args.workers is not None and args.workers < 1:
         sys.exit(f"clipadapt data check: --workers must be 1 or more, got {args.workers}")
     try:
         splits = read_splits(args.root, args.dataset)
         report = summarize_dataset(args.root, args.dataset, num_shots=args.num_shots, seed=args.seed, splits=splits)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ClipAdaptError) as err:
         sys.exit(f"clipadapt data check: {err}")
     print(report, flush=True)
     if args.no_decode:

@@ -36,16 +36,19 @@ def run_dirs(root: Path) -> list[Path]:
     return sorted((root / "lightning_logs").glob("version_*"))
 
 
+def is_test_only(spec: dict) -> bool:
+    """Zero-shot CLIP, training-free Tip-Adapter, TPT and test-time training have nothing to fit: `clipadapt test`."""
+    return spec["model"]["class_path"].endswith(("ZeroShotCLIP", "TipAdapter", "TPT")) or (
+        spec["model"]["init_args"].get("setting") == "ttt"
+    )
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
 def test_config_runs_through_the_cli(config: Path, tmp_path: Path):
     spec = yaml.safe_load(config.read_text())
     for name in needed_datasets(spec):
         write_synthetic(tmp_path / "data", resolve_dataset(name))
-    # zero-shot CLIP, training-free Tip-Adapter, TPT and test-time training have nothing to fit: `clipadapt test`
-    test_only = (
-        spec["model"]["class_path"].endswith(("ZeroShotCLIP", "TipAdapter", "TPT"))
-        or spec["model"]["init_args"].get("setting") == "ttt"
-    )
+    test_only = is_test_only(spec)
     main(
         ["test" if test_only else "fit"]
         + ["--config", str(config), "--config", str(REPO / "configs" / "tiny.yaml")]

@@ -31,6 +31,7 @@ from torchvision import transforms as T
 
 from clipadapt.data.fewshot import few_shot_splits, load_few_shot, read_dassl_cache, subsample_classes, subsample_labels
 from clipadapt.data.images import find_unreadable, read_rgb
+from clipadapt.data.own import OWN_DATA, split_origin
 from clipadapt.data.readers import Datum, class_names, dataset_dir, read_splits, resolve_dataset, split_source
 from clipadapt.data.synthetic import write_synthetic
 from clipadapt.data.templates import templates_for
@@ -382,7 +383,7 @@ def summarize_dataset(
     lines = [
         f"dataset:  {info.display}",
         f"folder:   {folder}",
-        f"split:    {Path(folder, info.split_file)}",
+        f"split:    {split_origin(root, info.reader) if info.reader in OWN_DATA else Path(folder, info.split_file)}",
         f"classes:  {len(names)} ({shown})",
     ]
     lines += [f"{split + ':':9} {len(splits[split])} images" for split in ("train", "val", "test")]

@@ -2,7 +2,9 @@
 
 One table (`DATASETS`) says where each dataset lives under the data root; four readers turn that
 layout into `Datum` lists: a split json (`[relpath, label, classname]`), FGVCAircraft's txt files,
-ImageNet-style class folders with `classnames.txt`, and ImageNetV2's numbered folders.
+ImageNet-style class folders with `classnames.txt`, and ImageNetV2's numbered folders. The user's
+own data (`imagefolder`, `manifest`; rows of `OWN_DATASETS`, whose root is the dataset itself) goes
+through the same `read_splits` into `clipadapt.data.own`.
 
 Deliberate deviation from Dassl: folder listings are *sorted* (Dassl used `os.listdir`, whose order
 depends on the filesystem), so folder-listed datasets give the same items, and therefore the same
@@ -18,6 +20,7 @@ from typing import Literal, NamedTuple
 
 __all__ = [
     "DATASETS",
+    "OWN_DATASETS",
     "Datum",
     "DatasetInfo",
     "absolute_root",
@@ -40,7 +43,8 @@ class Datum(NamedTuple):
     classname: str
 
 
-ReaderKind = Literal["json", "aircraft", "imagenet", "imagenet_v2", "folders"]
+ReaderKind = Literal["json", "aircraft", "imagenet", "imagenet_v2", "folders", "imagefolder", "manifest"]
+OWN_DATA = ("imagefolder", "manifest")  # the user's own data (clipadapt.data.own): the root is the dataset
 Prefix = Literal["image_dir", "dataset_dir", ""]
 
 
@@ -93,6 +97,11 @@ DATASETS: dict[str, DatasetInfo] = {
         _json("synthetic", "Synthetic", "synthetic", "images"),  # written by clipadapt.data.synthetic (tests, demo)
     )
 }
+# The user's own data (clipadapt.data.own): the root is the dataset itself, so no folder under it.
+OWN_DATASETS: dict[str, DatasetInfo] = {
+    name: DatasetInfo(name, coop, "", "", "classnames.txt", name)  # type: ignore[arg-type]
+    for name, coop in (("imagefolder", "ImageFolder"), ("manifest", "Manifest"))
+}
 
 
 def _key(name: str) -> str:
@@ -100,7 +109,7 @@ def _key(name: str) -> str:
     return name.lower().replace("_", "").replace("-", "").replace(" ", "")
 
 
-_LOOKUP = {_key(k): info for info in DATASETS.values() for k in (info.name, info.coop_name)}
+_LOOKUP = {_key(k): info for info in (*DATASETS.values(), *OWN_DATASETS.values()) for k in (info.name, info.coop_name)}
 
 
 def resolve_dataset(name: str | DatasetInfo) -> DatasetInfo:
@@ -109,7 +118,7 @@ def resolve_dataset(name: str | DatasetInfo) -> DatasetInfo:
         return name
     info = _LOOKUP.get(_key(str(name)))
     if info is None:
-        valid = ", ".join(info.display for info in DATASETS.values())
+        valid = ", ".join(info.display for info in (*DATASETS.values(), *OWN_DATASETS.values()))
         raise ValueError(f"unknown dataset {name!r}; valid names (snake-case or CoOp spelling): {valid}")
     return info
 
@@ -120,8 +129,11 @@ def absolute_root(root: str | os.PathLike) -> Path:
 
 
 def dataset_dir(root: str | os.PathLike, name: str | DatasetInfo) -> Path:
-    """The dataset's folder under `root` (absolute; not checked)."""
-    return absolute_root(root) / resolve_dataset(name).folder
+    """The dataset's folder under `root` (absolute; not checked); for own data the root (a manifest's folder)."""
+    info = resolve_dataset(name)
+    if info.reader == "manifest" and absolute_root(root).is_file():
+        return absolute_root(root).parent
+    return absolute_root(root) / info.folder
 
 
 def _check_dir(path: Path, what: str) -> None:
@@ -269,6 +281,10 @@ _READERS = {
 def read_splits(root: str | os.PathLike, name: str | DatasetInfo) -> dict[str, list[Datum]]:
     """All items of a dataset as {"train", "val", "test"} (an empty list where a split does not exist)."""
     info = resolve_dataset(name)
+    if info.reader in OWN_DATA:
+        from clipadapt.data import own
+
+        return own.read_imagefolder(root) if info.reader == "imagefolder" else own.read_manifest(root)
     root_path = absolute_root(root)
     if not root_path.is_dir():
         raise FileNotFoundError(
@@ -284,6 +300,12 @@ def split_source(root: str | os.PathLike, name: str | DatasetInfo, split: str) -
     """The file (or folder) that lists `split` of a dataset, for messages."""
     info = resolve_dataset(name)
     folder = dataset_dir(root, info)
+    if info.reader in OWN_DATA:
+        from clipadapt.data import own
+
+        if info.reader == "manifest":
+            return own.manifest_path(root)
+        return folder / split if (folder / "train").is_dir() else folder
     if info.reader == "aircraft":
         return folder / f"images_variant_{split}.txt"
     if info.reader == "imagenet":

@@ -213,5 +213,5 @@ def templates_for(set_name: str, dataset: str | Sequence[str]) -> list[str]:
     if chosen is not None:
         return list(chosen)
     if isinstance(dataset, str):
-        return [DATASET_TEMPLATES[resolve_dataset(dataset).name]]
+        return [DATASET_TEMPLATES.get(resolve_dataset(dataset).name, "a photo of a {}.")]  # own data: CoOp's default
     return list(dataset)
