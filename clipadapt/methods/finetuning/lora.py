@@ -57,6 +57,7 @@ class CLIPLoRA(AdaptationModule):
         self.save_hyperparameters()
         if encoders not in ENCODERS:
             raise ValueError(f"encoders must be one of {tuple(ENCODERS)}, got {encoders!r}")
+        self.clip.require_native(type(self).__name__, ENCODERS[encoders])  # the q/k/v deltas need the layer loop
         self.lora = LowRankQKV.for_backbone(self.clip, ENCODERS[encoders], rank, lora_alpha, lora_dropout)
 
     def trainable(self, stage: str) -> Iterable[nn.Parameter]:
