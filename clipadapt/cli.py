@@ -144,7 +144,7 @@ class ClipAdaptCLI(LightningCLI):
         try:
             _check_folder(self._get(self.config, "trainer.default_root_dir"), "trainer.default_root_dir")
             model = self._get(self.config, "model.init_args")
-            check_weights(model.arch, model.pretrained)
+            check_weights(model.arch, model.pretrained, model_config=getattr(model, "model_config", None))
             super().instantiate_classes()
         except (FileNotFoundError, ValueError, PretrainedWeightsUnavailableError, ClipAdaptError) as err:
             sys.exit(f"clipadapt: error: {_reason(err)}")
