@@ -162,6 +162,11 @@ def test_supported_methods_run_through_the_cli(family: str, config: str, synthet
     metrics = _run(config, synthetic, tmp_path, *flags)
     accs = [v for k, v in metrics.items() if k.endswith("/acc")]
     assert accs and all(0 <= v <= 100 for v in accs)
+    if config == "ast_fewshot":  # the probe scored and picked tensors of this tower's own blocks
+        (selection,) = tmp_path.glob("lightning_logs/version_*/selection.json")
+        chosen = json.loads(selection.read_text())["selected"]
+        blocks = {"timm": "visual.trunk.blocks.", "resnet": "visual.layer", "sigmoid": "text.transformer.resblocks."}
+        assert any(name.startswith(blocks[family]) for name in chosen)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
