@@ -291,8 +291,15 @@ def _export(ckpt: str, out: Path) -> None:
     quick_gelu = isinstance(tag, str) and open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False)
     extra = ", force_quick_gelu=True" if quick_gelu and not open_clip.get_model_config(arch).get("quick_gelu") else ""
     print(f"wrote {out} ({type(module).__name__}, arch {arch}): a plain open_clip state dict")
-    print(f"load it with: open_clip.create_model({arch!r}, pretrained={str(out)!r}{extra})")
-    if arch.startswith("clipadapt-"):
+    if arch.startswith(("hf-hub:", "local-dir:")):  # open_clip ignores `pretrained` for these names
+        print(
+            f"load it with: open_clip.create_model({arch!r}, load_weights=False).load_state_dict(torch.load({str(out)!r}))"
+        )
+    else:
+        print(f"load it with: open_clip.create_model({arch!r}, pretrained={str(out)!r}{extra})")
+    if hparams.get("model_config"):
+        print(f"(your own config: `open_clip.add_model_config({str(hparams['model_config'])!r})` first)")
+    elif arch.startswith("clipadapt-"):
         print("(a clipadapt test arch: `import clipadapt.models` first, it registers the config with open_clip)")
     extras = {name: tensor for name, tensor in state.items() if name not in names}
     if extras:

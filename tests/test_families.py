@@ -237,6 +237,9 @@ def test_own_config_and_weights_run_every_supported_method_offline(
     flags = ["--model.init_args.model_config", str(path), "--model.init_args.pretrained", str(weights), *FAST]
     metrics = _run(config, tmp_path / "data", tmp_path, *flags)
     assert any(k.endswith("/acc") for k in metrics)
+    for ckpt in tmp_path.glob("lightning_logs/version_*/checkpoints/*.ckpt"):  # the tuned model, as open_clip's
+        main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "exported.pt")])
+        assert open_clip.create_model("my-offline-clip", pretrained=str(tmp_path / "exported.pt"))
 
 
 def test_local_dir_and_cached_hf_hub_load_offline(tmp_path: Path, no_hub: None) -> None:
