@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from clipadapt.cli import main
 from clipadapt.data import write_synthetic
 from clipadapt.errors import ClipAdaptError
-from clipadapt.methods import CLIPAST, Adapt, CoOp
+from clipadapt.methods import CLIPAST, Adapt, CLIPLoRA, CoOp
 from clipadapt.models import CLIPBackbone, PretrainedWeightsUnavailableError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +122,14 @@ def test_coop_runs_on_a_resnet_but_not_on_a_separate_text_tower() -> None:
     assert coop(torch.randn(2, 3, 32, 32)).shape == (2, 2)  # learned context in RN CLIP's native text tower
     with pytest.raises(ClipAdaptError, match="^CoOp needs open_clip's own text transformer"):
         CoOp(classes, templates, arch="clipadapt-tiny-timm", pretrained=None)
+
+
+def test_lora_needs_the_layer_loop_of_the_towers_it_tunes() -> None:
+    classes, templates = ["cat", "dog"], ["a photo of a {}."]
+    lora = CLIPLoRA(classes, templates, arch="clipadapt-tiny-rn", pretrained=None, encoders="text")
+    assert lora(torch.randn(2, 3, 32, 32)).shape == (2, 2)
+    with pytest.raises(ClipAdaptError, match="^CLIPLoRA needs a native open_clip ViT image tower"):
+        CLIPLoRA(classes, templates, arch="clipadapt-tiny-rn", pretrained=None, encoders="both")
 
 
 def test_tower_blocks_of_each_family() -> None:
