@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from clipadapt.cli import main
 from clipadapt.data import write_synthetic
 from clipadapt.errors import ClipAdaptError
-from clipadapt.methods import CLIPAST, Adapt, CLIPLoRA, CoOp
+from clipadapt.methods import CLIPAST, Adapt, CLIPLoRA, CoOp, ZeroShotCLIP
 from clipadapt.models import CLIPBackbone, PretrainedWeightsUnavailableError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,6 +269,15 @@ def test_local_dir_and_cached_hf_hub_load_offline(tmp_path: Path, no_hub: None) 
     hub = CLIPBackbone("hf-hub:org/tiny", pretrained=None, cache_dir=str(tmp_path / "hub"))
     assert hub.arch == "hf-hub:org/tiny"
     assert torch.equal(hub.model.visual.proj, source.model.visual.proj)
+
+
+def test_weights_trained_with_another_normalisation_are_flagged(tmp_path: Path) -> None:
+    config = json.loads((CONFIGS / "clipadapt-tiny-sigmoid.json").read_text())
+    (tmp_path / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": config, "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    )
+    with pytest.warns(UserWarning, match=r"mean \(0.5, 0.5, 0.5\).*CLIP's"):
+        ZeroShotCLIP(["cat"], ["a {}."], arch=f"local-dir:{tmp_path}", pretrained=None)
 
 
 def test_uncached_hf_hub_and_bad_local_dir_fail_fast(tmp_path: Path, no_hub: None) -> None:

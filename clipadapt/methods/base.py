@@ -19,15 +19,17 @@ from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
+import open_clip
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import Metric
 
 from clipadapt.checkpoints import keep_plain
+from clipadapt.data.datamodule import CLIP_MEAN, CLIP_STD
 from clipadapt.data.templates import templates_for
 from clipadapt.errors import ClipAdaptError
 from clipadapt.models import CLIPBackbone
@@ -52,6 +54,20 @@ def run_seed(default: int = 0) -> int:
 def harmonic_mean(base: float, novel: float) -> float:
     """HM = 2BN / (B + N), the base-to-novel summary (0 when both are 0)."""
     return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
+
+
+def _warn_on_other_normalisation(clip: CLIPBackbone) -> None:
+    """The data module normalises with CLIP's mean/std; say so when the weights were trained with others (SigLIP)."""
+    cfg = open_clip.get_model_preprocess_cfg(clip.model)
+    mean, std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
+    if not (
+        torch.allclose(torch.tensor(mean), torch.tensor(CLIP_MEAN))
+        and torch.allclose(torch.tensor(std), torch.tensor(CLIP_STD))
+    ):
+        rank_zero_warn(
+            f"{clip.arch} was trained with image mean {mean} / std {std}, but clipadapt's data module normalises "
+            f"with CLIP's {CLIP_MEAN} / {CLIP_STD}: expect somewhat lower accuracy than with its own normalisation"
+        )
 
 
 class Top1(Metric):
@@ -122,6 +138,7 @@ class AdaptationModule(L.LightningModule):
         self.clip = CLIPBackbone(arch, pretrained, model_config=model_config).requires_grad_(False)
         self.hparams.arch = self.clip.arch  # a model_config's stem: the name open_clip knows the model by
         self.clip.require_native(type(self).__name__, self.native_towers)
+        _warn_on_other_normalisation(self.clip)
         self.make_optimizer = optimizer
         self.val_acc = Top1()
         self.test_accs = nn.ModuleList()
