@@ -36,6 +36,9 @@ PROMPTS = ["a photo of a cat.", "x", "a centered satellite photo of annual crop 
 CLOSED_PORT_TEMPLATE = "http://127.0.0.1:9/{repo_id}/resolve/{revision}/{filename}"
 # The methods that need only encode_image / encode_text, as shipped configs (zero-shot has nothing to fit).
 SUPPORTED = ["zeroshot", "linear_probe_fewshot", "rada_base2novel", "cite_fewshot", "ast_fewshot"]
+# ... and the other methods that need no seam of these towers (on oxford_pets, whatever the config's dataset).
+ALSO = ["clip_adapter_fewshot", "tip_adapter_f_fewshot", "tip_adapter_fewshot", "lpft_imagenet_ood", "rada_ttt"]
+ALSO += ["rada_fft_imagenet", "wiseft_imagenet_ood"]
 FAST = ["--trainer.max_epochs", "1", "--data.num_shots", "1"]
 SUBSETS = ("all", "base", "novel")
 
@@ -56,6 +59,7 @@ def _run(config: str, root: Path, tmp_path: Path, *flags: str) -> dict:
     """One shipped config through the CLI on the tiny overlay; the run's test metrics."""
     spec = yaml.safe_load((REPO / "configs" / f"{config}.yaml").read_text())
     test_only = spec["model"]["class_path"].endswith(("ZeroShotCLIP", "TipAdapter"))
+    test_only |= spec["model"]["init_args"].get("setting") == "ttt"  # test-time training: `clipadapt test`
     main(
         ["test" if test_only else "fit", "--config", str(REPO / "configs" / f"{config}.yaml"), "--config", TINY_YAML]
         + ["--data.root", str(root), "--data.cache_dir", str(tmp_path / "cache")]
@@ -175,6 +179,19 @@ def test_supported_methods_run_through_the_cli(family: str, config: str, synthet
         chosen = json.loads(selection.read_text())["selected"]
         blocks = {"timm": "visual.trunk.blocks.", "resnet": "visual.layer", "sigmoid": "text.transformer.resblocks."}
         assert any(name.startswith(blocks[family]) for name in chosen)
+
+
+# Each on one family in turn: they differ from the methods above only in what they do with the features.
+@pytest.mark.parametrize(("family", "config"), [(list(FAMILIES)[i % 3], c) for i, c in enumerate(ALSO)])
+def test_the_other_encoder_only_methods_run_through_the_cli(
+    family: str, config: str, synthetic: Path, tmp_path: Path
+) -> None:
+    arch, size, _, _ = FAMILIES[family]
+    flags = ["--model.init_args.arch", arch, "--data.image_size", str(size), *FAST]
+    flags += ["--data.dataset", "oxford_pets", "--data.eval_sets", "[all]", "--data.subsample", "all"]
+    metrics = _run(config, synthetic, tmp_path, *flags)
+    accs = [v for k, v in metrics.items() if k.endswith("/acc")]
+    assert accs and all(0 <= v <= 100 for v in accs), metrics
 
 
 @pytest.mark.parametrize("family", FAMILIES)
