@@ -1,7 +1,24 @@
-"""CLIPBackbone: an open_clip CLIP model with its encoders written as an explicit layer loop.
+"""CLIPBackbone: an open_clip model with its encoders written as an explicit layer loop where open_clip allows.
+
+Any contrastive open_clip model builds (every native ViT and tag, ResNet CLIP, timm image towers as in
+EVA02 / SigLIP / ViT-SO400M, CustomTextCLIP and Hugging Face text towers, the latter with `transformers`
+installed). The layer loop below, and so every seam, covers the native towers only: a `VisionTransformer` image tower (`image_native`) and the
+text transformer a native `CLIP` holds in itself (`text_native`; RN50's, not a CustomTextCLIP's
+`model.text`). Any other tower runs its own forward (`model.visual(images)`, `model.encode_text`),
+equal to open_clip's `encode_image` / `encode_text` by construction; a seam asked of it raises
+ClipAdaptError naming what is supported, and methods that need seams declare the towers
+(`require_native`). `tower_blocks` lists any tower's residual blocks (CLIP-AST's units). `logits`
+adds the model's `logit_bias` (SigLIP) to scale·cos, as open_clip's `get_logits`.
+
+Names go through one resolver (`_resolve`): an open_clip name with a tag or weights file; a model
+config JSON of one's own (`model_config`, registered with `open_clip.add_model_config` under its file
+stem, which becomes the arch); `local-dir:PATH` (open_clip_config.json + a weights file, as open_clip);
+`hf-hub:org/repo`, looked up in the Hugging Face cache and downloaded only after the short probe, then
+built as `local-dir:` of the cached snapshot (so open_clip's own ~50 s retries never run offline).
 
 This is the one module in clipadapt that knows open_clip's internals. It is pinned to
-open_clip_torch==3.3.0 and reads these private seams of the native `CLIP` / `VisionTransformer`:
+open_clip_torch==3.3.0 and reads these private seams of the native `CLIP` / `VisionTransformer`
+(and `open_clip.factory.parse_model_name` / `_find_checkpoint_in_dir` for the schema names):
 `visual._embeds` and `visual._pool` (image; deep prompts re-run `_embeds`' steps, conv1 to ln_pre,
 with `open_clip.transformer._expand_token`), `open_clip.transformer.text_global_pool` (text), the
 `attn_mask` buffer, `text_pool_type` / `text_eos_id`, and each tower's `transformer.resblocks`
