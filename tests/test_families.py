@@ -5,6 +5,7 @@ encoders, the seams refused in one line, CLIP-AST's units from any tower's block
 method through the CLI; hf-hub: / local-dir: / model_config names offline; real architectures (slow).
 """
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -286,6 +287,12 @@ def test_local_dir_and_cached_hf_hub_load_offline(tmp_path: Path, no_hub: None) 
     hub = CLIPBackbone("hf-hub:org/tiny", pretrained=None, cache_dir=str(tmp_path / "hub"))
     assert hub.arch == "hf-hub:org/tiny"
     assert torch.equal(hub.model.visual.proj, source.model.visual.proj)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is not None, reason="transformers is installed")
+def test_a_siglip_tokenizer_without_transformers_says_what_to_install() -> None:
+    with pytest.raises(ClipAdaptError, match=r"ViT-B-16-SigLIP .*pip install transformers"):
+        CLIPBackbone("ViT-B-16-SigLIP", pretrained=None)
 
 
 def test_weights_trained_with_another_normalisation_are_flagged(tmp_path: Path) -> None:
