@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from clipadapt.cli import main
 from clipadapt.data import write_synthetic
 from clipadapt.errors import ClipAdaptError
-from clipadapt.methods import CLIPAST, Adapt, CLIPLoRA, CoOp, ZeroShotCLIP
+from clipadapt.methods import CLIPAST, FT, Adapt, CLIPAdapter, CLIPLoRA, CoOp, ZeroShotCLIP
 from clipadapt.models import CLIPBackbone, PretrainedWeightsUnavailableError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +102,18 @@ def test_the_logit_bias_enters_the_base_classifier() -> None:
     plain = clip.logit_scale.exp() * clip.encode_image(images) @ text.T
     torch.testing.assert_close(clip.logits(clip.encode_image(images), text), plain - 10.0)
     assert CLIPBackbone("clipadapt-tiny", pretrained=None).logit_bias is None
+
+
+@pytest.mark.parametrize("method", [ZeroShotCLIP, CLIPAdapter, FT])
+def test_classifiers_equal_open_clips_own_logits_with_the_bias(method: type) -> None:
+    classes, template = ["cat", "dog", "sea turtle"], "a photo of a {}."
+    extra = {"residual_ratio": 0.0} if method is CLIPAdapter else {}  # the adapter's share 0: CLIP's own features
+    module = method(classes, [template], arch="clipadapt-tiny-sigmoid", pretrained=None, prompts="dataset", **extra)
+    module.eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = module.clip.model.get_logits(images, module.clip.tokenize([template.format(c) for c in classes]))[0]
+        torch.testing.assert_close(module(images), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

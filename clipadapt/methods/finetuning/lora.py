@@ -78,7 +78,7 @@ class CLIPLoRA(AdaptationModule):
         return self._encode(self.clip.text_features, "text", classnames, templates)
 
     def classify(self, images: Tensor, text: Tensor) -> Tensor:
-        return self.clip.logit_scale.exp() * self._encode(self.clip.encode_image, "image", images) @ text.T
+        return self.clip.logits(self._encode(self.clip.encode_image, "image", images), text)  # (+ bias: SigLIP)
 
     def export_state_dict(self) -> dict[str, Tensor]:
         """A plain open_clip state dict with LoRA merged: in_proj_weight = W + s·[B_q A_q; B_k A_k; B_v A_v]."""
