@@ -253,6 +253,9 @@ def test_bad_model_configs_fail_with_the_fix(tmp_path: Path) -> None:
     (tmp_path / "partial.json").write_text(json.dumps({"embed_dim": 8}))
     with pytest.raises(ClipAdaptError, match="vision_cfg, text_cfg"):
         CLIPBackbone(pretrained=None, model_config=str(tmp_path / "partial.json"))
+    own, _ = _own_config(tmp_path)
+    with pytest.raises(ValueError, match="Known tags: none; or pass a local checkpoint file path, or null"):
+        CLIPBackbone(pretrained="openai", model_config=str(own))  # the default tag: one's own config has none
     clash = tmp_path / "RN50.json"
     shutil.copy(CONFIGS / "clipadapt-tiny-rn.json", clash)
     with pytest.raises(ClipAdaptError, match="rename the file"):

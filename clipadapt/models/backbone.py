@@ -714,7 +714,7 @@ def _pretrained_kwargs(arch: str, pretrained: str, model_cfg: dict[str, Any], ca
             tags = open_clip.list_pretrained_tags_by_model(arch)
             raise ValueError(
                 f"Unknown pretrained tag {pretrained!r} for {arch!r}. Known tags: {tags or 'none'}; "
-                "or pass a local checkpoint file path."
+                "or pass a local checkpoint file path, or null for random init."
             )
         path = os.path.expanduser(pretrained)
         if not os.path.isfile(path):
