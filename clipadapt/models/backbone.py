@@ -625,7 +625,7 @@ def _folder_config(folder: str, arch: str) -> dict[str, Any]:
         cfg = json.loads(file.read_text())["model_cfg"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ClipAdaptError(f"{arch}: {file} has no model_cfg ({type(err).__name__}: {err})") from None
-    _check_family(cfg, arch)
+    _check_family(cfg, arch, named=False)
     return cfg
 
 
@@ -687,12 +687,15 @@ def _model_config(arch: str) -> dict[str, Any]:
     return cfg
 
 
-def _check_family(cfg: dict[str, Any], arch: str) -> None:
-    """Refuse what clipadapt does not run (CoCa), and a Hugging Face tower without its package, in one line."""
+def _check_family(cfg: dict[str, Any], arch: str, named: bool = True) -> None:
+    """Refuse what clipadapt does not run (CoCa), and a Hugging Face tower without its package, in one line.
+
+    `named`: `arch` is an open_clip name, whose "siglip" makes open_clip pick its SigLIP tokenizer (transformers).
+    """
     if "multimodal_cfg" in cfg:
         raise ClipAdaptError(f"{arch} is a CoCa captioning model: clipadapt runs contrastive CLIP / SigLIP models")
     text = cfg.get("text_cfg", {})
-    if text.get("hf_model_name") or text.get("hf_tokenizer_name") or "siglip" in arch.lower():
+    if text.get("hf_model_name") or text.get("hf_tokenizer_name") or (named and "siglip" in arch.lower()):
         try:
             import transformers  # noqa: F401
         except ImportError:
