@@ -287,7 +287,7 @@ def _export(ckpt: str, out: Path) -> None:
     names = module.clip.model.state_dict().keys()
     torch.save({name: state[name] for name in names}, out)
 
-    arch = hparams["arch"]
+    arch = module.clip.arch  # a model_config's file stem, when there is one
     quick_gelu = isinstance(tag, str) and open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False)
     extra = ", force_quick_gelu=True" if quick_gelu and not open_clip.get_model_config(arch).get("quick_gelu") else ""
     print(f"wrote {out} ({type(module).__name__}, arch {arch}): a plain open_clip state dict")

@@ -136,7 +136,6 @@ class AdaptationModule(L.LightningModule):
             )
         templates_for(prompts, templates)  # fail now, not at the first step, on an unknown template set
         self.clip = CLIPBackbone(arch, pretrained, model_config=model_config).requires_grad_(False)
-        self.hparams.arch = self.clip.arch  # a model_config's stem: the name open_clip knows the model by
         self.clip.require_native(type(self).__name__, self.native_towers)
         _warn_on_other_normalisation(self.clip)
         self.make_optimizer = optimizer
