@@ -78,6 +78,7 @@ def _run(config: str, root: Path, tmp_path: Path, *flags: str) -> dict:
 def test_encoders_are_open_clips_own(family: str, train: bool) -> None:
     arch, size, image_native, text_native = FAMILIES[family]
     clip = CLIPBackbone(arch, pretrained=None).train(train)
+    assert not clip.native
     assert (clip.image_native, clip.text_native, clip.image_size, clip.embed_dim) == (
         image_native,
         text_native,

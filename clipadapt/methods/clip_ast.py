@@ -122,8 +122,7 @@ class CLIPAST(AdaptationModule):
         self._lengthened: weakref.ref | None = None  # the fit loop whose max_epochs already counts the probe
         model = self.clip.model
         # A native CLIP's blocks are found by name; any other tower's through the backbone (timm, ResNet, HF blocks).
-        native = self.clip.image_native and self.clip.text_native
-        blocks = None if native else {t: [p for p, _ in self.clip.tower_blocks(t)] for t in ("image", "text")}
+        blocks = None if self.clip.native else {t: [p for p, _ in self.clip.tower_blocks(t)] for t in ("image", "text")}
         self.units = block_units(((n, p.shape) for n, p in model.named_parameters()), split_qkv, blocks)
         self.candidates = filter_encoders(self.units, encoders)
         self.selection: dict[str, Any] | None = None if scheme == "adaptive" else self._make_selection(None)

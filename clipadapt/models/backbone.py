@@ -174,6 +174,11 @@ class CLIPBackbone(nn.Module):
         self.width_text: int | None = self.model.transformer.width if self.text_native else None
         self.context_length: int = self.model.context_length
 
+    @property
+    def native(self) -> bool:
+        """Whether both towers run the explicit layer loop, so every seam exists (a native open_clip ViT CLIP)."""
+        return self.image_native and self.text_native
+
     def tower_kind(self, tower: str) -> str:
         """What builds `tower` ("image" | "text"), in words: "a timm eva02 image tower", ..."""
         if tower == "image":
