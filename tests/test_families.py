@@ -162,7 +162,7 @@ def test_tower_blocks_of_each_family() -> None:
     assert [p for p, _ in rn.tower_blocks("image")] == [f"visual.layer{i}.0." for i in (1, 2, 3, 4)]
     assert [p for p, _ in rn.tower_blocks("text")] == ["transformer.resblocks.0.", "transformer.resblocks.1."]
     native = CLIPBackbone("clipadapt-tiny", pretrained=None)
-    assert [m for _, m in native.tower_blocks("image")] == list(native.blocks("image"))
+    assert native.native and [m for _, m in native.tower_blocks("image")] == list(native.blocks("image"))
 
 
 def test_ast_units_are_the_tensors_of_each_block_of_any_tower() -> None:
