@@ -144,7 +144,7 @@ class ClipAdaptCLI(LightningCLI):
         try:
             _check_folder(self._get(self.config, "trainer.default_root_dir"), "trainer.default_root_dir")
             model = self._get(self.config, "model.init_args")
-            check_weights(model.arch, model.pretrained)
+            check_weights(model.arch, model.pretrained, model_config=getattr(model, "model_config", None))
             super().instantiate_classes()
         except (FileNotFoundError, ValueError, PretrainedWeightsUnavailableError, ClipAdaptError) as err:
             sys.exit(f"clipadapt: error: {_reason(err)}")
@@ -295,12 +295,19 @@ def _export(ckpt: str, out: Path) -> None:
     names = module.clip.model.state_dict().keys()
     torch.save({name: state[name] for name in names}, out)
 
-    arch = hparams["arch"]
+    arch = module.clip.arch  # a model_config's file stem, when there is one
     quick_gelu = isinstance(tag, str) and open_clip.get_pretrained_cfg(arch, tag).get("quick_gelu", False)
     extra = ", force_quick_gelu=True" if quick_gelu and not open_clip.get_model_config(arch).get("quick_gelu") else ""
     print(f"wrote {out} ({type(module).__name__}, arch {arch}): a plain open_clip state dict")
-    print(f"load it with: open_clip.create_model({arch!r}, pretrained={str(out)!r}{extra})")
-    if arch.startswith("clipadapt-"):
+    if arch.startswith(("hf-hub:", "local-dir:")):  # open_clip ignores `pretrained` for these names
+        print(
+            f"load it with: open_clip.create_model({arch!r}, load_weights=False).load_state_dict(torch.load({str(out)!r}))"
+        )
+    else:
+        print(f"load it with: open_clip.create_model({arch!r}, pretrained={str(out)!r}{extra})")
+    if hparams.get("model_config"):
+        print(f"(your own config: `open_clip.add_model_config({str(hparams['model_config'])!r})` first)")
+    elif arch.startswith("clipadapt-"):
         print("(a clipadapt test arch: `import clipadapt.models` first, it registers the config with open_clip)")
     extras = {name: tensor for name, tensor in state.items() if name not in names}
     if extras:

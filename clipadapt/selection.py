@@ -15,6 +15,8 @@ would otherwise put the fused bias first in every block.
 
 A *unit* is one selectable piece: a parameter tensor of a block (12 per native CLIP block), or with
 `split_qkv` one of the q/k/v row ranges of the fused `attn.in_proj_{weight,bias}` (16 per block).
+For other towers (timm, ResNet, Hugging Face) a unit is likewise a parameter tensor of one of the
+tower's residual blocks (a timm block, a ResNet bottleneck, an encoder layer).
 Units are named after open_clip's state-dict keys, so a selection reads like the model it came from:
 `visual.transformer.resblocks.3.mlp.c_fc.weight`, `transformer.resblocks.0.attn.in_proj_weight[q]`.
 """
@@ -83,19 +85,33 @@ class Unit:
         return self.kind.split("[")[0].endswith("bias")
 
 
-def block_units(named_shapes: Iterable[tuple[str, Sequence[int]]], split_qkv: bool = False) -> list[Unit]:
+def block_units(
+    named_shapes: Iterable[tuple[str, Sequence[int]]],
+    split_qkv: bool = False,
+    blocks: Mapping[str, Sequence[str]] | None = None,
+) -> list[Unit]:
     """Units of every tensor inside `visual.transformer.resblocks.*` and `transformer.resblocks.*`.
 
     `named_shapes` are (open_clip name, shape) pairs, e.g. from `model.named_parameters()`; tensors
     outside the blocks are skipped. Order: as given (the model's order), q/k/v in that order.
+    `blocks` ({encoder: [name prefix of block 0, of block 1, ...]}) names the blocks of any other tower
+    (timm `visual.trunk.blocks.3.`, ResNet `visual.layer2.1.`); a unit's kind is its name after the prefix.
+    Only open_clip's fused `attn.in_proj_*` is split by `split_qkv`; other towers' tensors stay whole.
     """
+    prefixes = [(p, e, i) for e, names in (blocks or {}).items() for i, p in enumerate(names)]
     units = []
     for name, shape in named_shapes:
-        match = _BLOCK_NAME.match(name)
-        if match is None:
-            continue
-        encoder = "image" if match.group(1) else "text"
-        block, kind = int(match.group(2)), match.group(3)
+        if blocks is None:
+            match = _BLOCK_NAME.match(name)
+            if match is None:
+                continue
+            encoder = "image" if match.group(1) else "text"
+            block, kind = int(match.group(2)), match.group(3)
+        else:
+            found = next(((e, i, name[len(p) :]) for p, e, i in prefixes if name.startswith(p)), None)
+            if found is None:
+                continue
+            encoder, block, kind = found
         if split_qkv and kind in _SPLIT_TENSORS:
             if shape[0] % 3:
                 raise ValueError(f"{name}: {shape[0]} rows cannot be split into q, k, v")

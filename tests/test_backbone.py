@@ -13,6 +13,7 @@ from huggingface_hub import constants as hf_constants
 from open_clip.transformer import QuickGELU
 from safetensors.torch import save_file
 
+from clipadapt.errors import ClipAdaptError
 from clipadapt.models import CLIPBackbone, PretrainedWeightsUnavailableError
 
 TINY = "clipadapt-tiny"
@@ -201,8 +202,8 @@ def test_unknown_names_and_missing_files_are_explained(tmp_path: Path) -> None:
         CLIPBackbone("ViT-B-16", pretrained="laion2b")
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         CLIPBackbone(TINY, pretrained=str(tmp_path / "missing.pt"))
-    with pytest.raises(ValueError, match="not a native"):
-        CLIPBackbone("ViT-B-16-SigLIP", pretrained=None)
+    with pytest.raises(ClipAdaptError, match="CoCa"):
+        CLIPBackbone("coca_ViT-B-32", pretrained=None)
 
 
 @pytest.mark.pretrained

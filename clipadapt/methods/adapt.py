@@ -61,6 +61,8 @@ MASK_PIXELS = 8  # each token of a mask picture is an 8x8 square, so a 12x16 mas
 class Adapt(AdaptationModule):
     """Masked deep K/V prompts in both towers, pruned by accumulated Snip/grad/L2 scores to T_target tokens."""
 
+    native_towers = ("image", "text")  # the learned prompts enter through these towers' layer seams
+
     def __init__(
         self,
         classnames: list[str],

@@ -19,15 +19,17 @@ from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
+import open_clip
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import Metric
 
 from clipadapt.checkpoints import keep_plain
+from clipadapt.data.datamodule import CLIP_MEAN, CLIP_STD
 from clipadapt.data.templates import templates_for
 from clipadapt.errors import ClipAdaptError
 from clipadapt.models import CLIPBackbone
@@ -54,6 +56,20 @@ def harmonic_mean(base: float, novel: float) -> float:
     return 2 * base * novel / (base + novel) if base + novel > 0 else 0.0
 
 
+def _warn_on_other_normalisation(clip: CLIPBackbone) -> None:
+    """The data module normalises with CLIP's mean/std; say so when the weights were trained with others (SigLIP)."""
+    cfg = open_clip.get_model_preprocess_cfg(clip.model)
+    mean, std = tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
+    if not (
+        torch.allclose(torch.tensor(mean), torch.tensor(CLIP_MEAN))
+        and torch.allclose(torch.tensor(std), torch.tensor(CLIP_STD))
+    ):
+        rank_zero_warn(
+            f"{clip.arch} was trained with image mean {mean} / std {std}, but clipadapt's data module normalises "
+            f"with CLIP's {CLIP_MEAN} / {CLIP_STD}: expect somewhat lower accuracy than with its own normalisation"
+        )
+
+
 class Top1(Metric):
     """Correct and total counts, summed over ranks: exact top-1 accuracy and the number of images."""
 
@@ -77,6 +93,9 @@ class AdaptationModule(L.LightningModule):
     # Arguments that may differ from a checkpoint's when it is evaluated (`clipadapt test --ckpt_path`):
     # they only shape the evaluation. Any other model argument is the checkpoint's (the CLI refuses a change).
     test_time_args: ClassVar[frozenset[str]] = frozenset({"prompts", "pretrained"})
+    # Towers whose layer seams (K/V or deep prompts, learned text context, low-rank deltas) the method uses:
+    # other towers (timm, ResNet, Hugging Face, CustomTextCLIP) are refused at construction, in one line.
+    native_towers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -90,19 +109,24 @@ class AdaptationModule(L.LightningModule):
         warmup: str = "constant",
         warmup_lr: float = 1e-5,
         schedule: str = "cosine",
+        model_config: str | None = None,
     ) -> None:
         """
         Args:
             classnames: training classes, prompt-ready (linked from `data.classnames` by the CLI).
             templates: the dataset's own prompt template(s) (linked from `data.templates`).
-            arch: open_clip model name; `clipadapt-tiny` is the bundled test model.
-            pretrained: open_clip tag (`openai`, ...), a local checkpoint file, or None (random init).
+            arch: open_clip model name (any ViT, ResNet, timm-tower or SigLIP config), `hf-hub:org/repo` or
+                `local-dir:PATH`; `clipadapt-tiny` is the bundled test model.
+            pretrained: open_clip tag (`openai`, ...), a local checkpoint file, or None (random init); ignored
+                for hf-hub: and local-dir:, which bring their own weights.
             prompts: template set for the text classifier: dataset | simple | select7 | imagenet80 | promptsrc60.
             optimizer: built over each stage's trainable parameters.
             warmup_epochs: length of the warmup at the start of every stage (may be fractional).
             warmup: `constant` (Dassl: `warmup_lr` throughout) or `linear` (0 -> lr).
             warmup_lr: the constant warmup learning rate.
             schedule: `cosine` (to 0 at the end of the stage) or `constant`.
+            model_config: an open_clip model config JSON of one's own; the model is registered and built under
+                the file's stem, which replaces `arch`.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -111,7 +135,9 @@ class AdaptationModule(L.LightningModule):
                 f"warmup must be constant|linear and schedule cosine|constant, got {warmup!r}, {schedule!r}"
             )
         templates_for(prompts, templates)  # fail now, not at the first step, on an unknown template set
-        self.clip = CLIPBackbone(arch, pretrained).requires_grad_(False)
+        self.clip = CLIPBackbone(arch, pretrained, model_config=model_config).requires_grad_(False)
+        self.clip.require_native(type(self).__name__, self.native_towers)
+        _warn_on_other_normalisation(self.clip)
         self.make_optimizer = optimizer
         self.val_acc = Top1()
         self.test_accs = nn.ModuleList()
@@ -139,8 +165,8 @@ class AdaptationModule(L.LightningModule):
         return {"ce": F.cross_entropy(self(images), labels)}
 
     def classify(self, images: Tensor, text: Tensor) -> Tensor:
-        """(B, 3, H, W), (C, D) unit class embeddings -> (B, C) logits."""
-        return self.clip.logit_scale.exp() * self.clip.encode_image(images) @ text.T
+        """(B, 3, H, W), (C, D) unit class embeddings -> (B, C) logits (with SigLIP's logit bias when it has one)."""
+        return self.clip.logits(self.clip.encode_image(images), text)
 
     def class_logits(self, images: Tensor, classnames: list[str], templates: list[str]) -> Tensor:
         """(B, C) logits over `classnames`; a method whose text depends on the image (CoCoOp) overrides this."""
@@ -330,7 +356,7 @@ class AdaptationModule(L.LightningModule):
     def _check_image_size(self, images: Tensor) -> None:
         if images.shape[-1] != self.clip.image_size:
             raise ValueError(
-                f"images are {images.shape[-1]} px but {self.hparams.arch} expects {self.clip.image_size} px: "
+                f"images are {images.shape[-1]} px but {self.clip.arch} expects {self.clip.image_size} px: "
                 f"set data.image_size={self.clip.image_size}"
             )
 

@@ -26,6 +26,10 @@ random and BitFit controls, and a `--trainer.max_epochs N` flag means N selectiv
 The warmup + cosine of the selective stage spans exactly its max_epochs epochs. `selection_seed` of
 the random scheme defaults to the run's seed (`data.seed` under the CLI); an explicit value wins.
 
+Other backbones (an extension; the paper tunes ViT CLIPs): a unit is a parameter tensor of each residual
+block of whatever tower it is (a timm block, a ResNet bottleneck, a CustomTextCLIP or Hugging Face text
+layer; `CLIPBackbone.tower_blocks`); a native CLIP's units and selection are unchanged.
+
 State: the selection and the teacher text features are method state (checkpoints), so a resumed
 stage-2 run keeps its selection and skips the probe. The frozen image tower is *not* in the state
 dict: it equals the pretrained weights and is rebuilt at construction (saves ~350 MB per ViT-B
@@ -117,7 +121,9 @@ class CLIPAST(AdaptationModule):
         self.selection_seed = run_seed() if selection_seed is None else selection_seed
         self._lengthened: weakref.ref | None = None  # the fit loop whose max_epochs already counts the probe
         model = self.clip.model
-        self.units = block_units(((n, p.shape) for n, p in model.named_parameters()), split_qkv)
+        # A native CLIP's blocks are found by name; any other tower's through the backbone (timm, ResNet, HF blocks).
+        blocks = None if self.clip.native else {t: [p for p, _ in self.clip.tower_blocks(t)] for t in ("image", "text")}
+        self.units = block_units(((n, p.shape) for n, p in model.named_parameters()), split_qkv, blocks)
         self.candidates = filter_encoders(self.units, encoders)
         self.selection: dict[str, Any] | None = None if scheme == "adaptive" else self._make_selection(None)
         # The probe moves the block tensors; a CPU copy of their pretrained values restores them.

@@ -1,7 +1,24 @@
-"""CLIPBackbone: an open_clip CLIP model with its encoders written as an explicit layer loop.
+"""CLIPBackbone: an open_clip model with its encoders written as an explicit layer loop where open_clip allows.
+
+Any contrastive open_clip model builds (every native ViT and tag, ResNet CLIP, timm image towers as in
+EVA02 / SigLIP / ViT-SO400M, CustomTextCLIP and Hugging Face text towers, the latter with `transformers`
+installed). The layer loop below, and so every seam, covers the native towers only: a `VisionTransformer` image tower (`image_native`) and the
+text transformer a native `CLIP` holds in itself (`text_native`; RN50's, not a CustomTextCLIP's
+`model.text`). Any other tower runs its own forward (`model.visual(images)`, `model.encode_text`),
+equal to open_clip's `encode_image` / `encode_text` by construction; a seam asked of it raises
+ClipAdaptError naming what is supported, and methods that need seams declare the towers
+(`require_native`). `tower_blocks` lists any tower's residual blocks (CLIP-AST's units). `logits`
+adds the model's `logit_bias` (SigLIP) to scale·cos, as open_clip's `get_logits`.
+
+Names go through one resolver (`_resolve`): an open_clip name with a tag or weights file; a model
+config JSON of one's own (`model_config`, registered with `open_clip.add_model_config` under its file
+stem, which becomes the arch); `local-dir:PATH` (open_clip_config.json + a weights file, as open_clip);
+`hf-hub:org/repo`, looked up in the Hugging Face cache and downloaded only after the short probe, then
+built as `local-dir:` of the cached snapshot (so open_clip's own ~50 s retries never run offline).
 
 This is the one module in clipadapt that knows open_clip's internals. It is pinned to
-open_clip_torch==3.3.0 and reads these private seams of the native `CLIP` / `VisionTransformer`:
+open_clip_torch==3.3.0 and reads these private seams of the native `CLIP` / `VisionTransformer`
+(and `open_clip.factory.parse_model_name` / `_find_checkpoint_in_dir` for the schema names):
 `visual._embeds` and `visual._pool` (image; deep prompts re-run `_embeds`' steps, conv1 to ln_pre,
 with `open_clip.transformer._expand_token`), `open_clip.transformer.text_global_pool` (text), the
 `attn_mask` buffer, `text_pool_type` / `text_eos_id`, and each tower's `transformer.resblocks`
@@ -49,9 +66,12 @@ Deliberate choices:
 
 import difflib
 import hashlib
+import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -60,8 +80,10 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from huggingface_hub import constants as hf_constants
-from huggingface_hub.errors import HfHubHTTPError
-from open_clip.transformer import _expand_token, text_global_pool
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+from open_clip.hf_model import HFTextEncoder
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import VisionTransformer, _expand_token, text_global_pool
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -72,7 +94,20 @@ log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 5.0  # one HEAD request decides "Hub reachable or not" before any download starts
 _HF_DEFAULT_FILENAME = "open_clip_pytorch_model.bin"  # open_clip's name when a hf_hub entry ends in "/"
-_TEXT_PARAMETER_ROOTS = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+_TEXT_PARAMETER_ROOTS = (
+    "token_embedding",
+    "positional_embedding",
+    "transformer",
+    "ln_final",
+    "text_projection",
+    "text",
+)
+# Containers whose children are a tower's residual blocks: native/timm ViTs, ResNet stages, HF encoders.
+_BLOCK_CONTAINER = re.compile(r"^(resblocks|blocks|layers|layer|block|layer\d+)$")
+_NATIVE = {
+    "image": "a native open_clip ViT image tower (VisionTransformer: ViT-B-32, ViT-B-16, ViT-L-14, ...)",
+    "text": "open_clip's own text transformer inside CLIP (as in ViT-B-16 or RN50, not a CustomTextCLIP)",
+}
 
 
 class KVPrompts(Protocol):
@@ -99,43 +134,92 @@ class CLIPBackbone(nn.Module):
     """An open_clip CLIP (fp32) with layer-loop encoders, tokenizer and tower parameter views."""
 
     def __init__(
-        self, arch: str = "ViT-B-16-quickgelu", pretrained: str | None = "openai", cache_dir: str | None = None
+        self,
+        arch: str = "ViT-B-16-quickgelu",
+        pretrained: str | None = "openai",
+        cache_dir: str | None = None,
+        model_config: str | None = None,
     ) -> None:
-        """Build `arch` with weights from an open_clip tag, a local file, or None (random init)."""
+        """Build `arch` (or the model of a `model_config` JSON file) with weights from an open_clip tag, a file, or None."""
         super().__init__()
-        model_cfg = _model_config(arch)
-        kwargs: dict[str, Any] = {}
-        if pretrained:
-            kwargs = _pretrained_kwargs(arch, pretrained, model_cfg, cache_dir)
+        spec = _resolve(arch, pretrained, model_config, cache_dir)
+        self.arch: str = spec.arch  # the name the user knows it by (the JSON file's stem for `model_config`)
+        kwargs = dict(spec.kwargs)
         path = kwargs.pop("pretrained", None)
         # open_clip would torch.jit.load an archive, which runs the code inside it: its tensors are read here instead.
         archive = path if path is not None and is_torchscript(path) else None
         try:
             weights = None if archive else path
             self.model = open_clip.create_model(
-                arch, weights, precision="fp32", device="cpu", cache_dir=cache_dir, **kwargs
+                spec.name, weights, precision="fp32", device="cpu", cache_dir=cache_dir, **kwargs
             )
             if archive:
-                _load_archive(self.model, archive, arch)
+                _load_archive(self.model, archive, self.arch)
         except RuntimeError as err:
             if "state_dict" not in str(err):
                 raise
             detail = "; ".join(line.strip() for line in str(err).splitlines()[1:])[:300]
             raise ClipAdaptError(
-                f"pretrained {path} does not fit arch {arch!r} ({detail}): pass weights of {arch}"
+                f"pretrained {path} does not fit arch {self.arch!r} ({detail}): pass weights of {self.arch}"
             ) from None
-        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.tokenizer = open_clip.get_tokenizer(spec.name)
         visual = self.model.visual
-        self.embed_dim: int = visual.output_dim
-        self.image_size: int = visual.image_size[0]  # native CLIP configs are square
-        self.width_image: int = visual.transformer.width
-        self.width_text: int = self.model.transformer.width
+        # Which towers the explicit layer loop (and so every seam: prompts, deep, lora, context) covers.
+        self.image_native: bool = isinstance(visual, VisionTransformer)
+        self.text_native: bool = isinstance(self.model, open_clip.CLIP)  # CLIP holds open_clip's own text transformer
+        self.embed_dim: int = spec.cfg["embed_dim"]
+        size = visual.image_size
+        self.image_size: int = size if isinstance(size, int) else size[0]  # CLIP configs are square
+        self.width_image: int | None = visual.transformer.width if self.image_native else None
+        self.width_text: int | None = self.model.transformer.width if self.text_native else None
         self.context_length: int = self.model.context_length
+
+    @property
+    def native(self) -> bool:
+        """Whether both towers run the explicit layer loop, so every seam exists (a native open_clip ViT CLIP)."""
+        return self.image_native and self.text_native
+
+    def tower_kind(self, tower: str) -> str:
+        """What builds `tower` ("image" | "text"), in words: "a timm eva02 image tower", ..."""
+        if tower == "image":
+            visual = self.model.visual
+            if isinstance(visual, TimmModel):
+                return f"a timm {type(visual.trunk).__name__} image tower"
+            return f"a {type(visual).__name__} image tower"
+        if tower == "text":
+            text = getattr(self.model, "text", None)
+            if isinstance(text, HFTextEncoder):
+                return f"a Hugging Face {type(text.transformer).__name__} text tower"
+            if text is not None:
+                return f"a separate {type(text).__name__} text tower (CustomTextCLIP)"
+            return "open_clip's own CLIP text transformer"
+        raise ValueError(f"tower must be 'image' or 'text', got {tower!r}")
+
+    def require_native(self, method: str, towers: Sequence[str] = ("image", "text")) -> None:
+        """Fail in one line unless every tower in `towers` runs the explicit layer loop (the seams `method` needs)."""
+        native = {"image": self.image_native, "text": self.text_native}
+        for tower in towers:
+            if not native[tower]:
+                raise ClipAdaptError(f"{method} needs {_NATIVE[tower]}; {self.arch} has {self.tower_kind(tower)}")
+
+    def _no_seam(self, tower: str, seam: str) -> ClipAdaptError:
+        return ClipAdaptError(f"{seam} needs {_NATIVE[tower]}; {self.arch} has {self.tower_kind(tower)}")
 
     @property
     def logit_scale(self) -> nn.Parameter:
         """The model's log temperature; a property so the parameter keeps one name (`model.logit_scale`)."""
         return self.model.logit_scale
+
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        """The model's logit bias (SigLIP's sigmoid loss trains one), or None."""
+        return getattr(self.model, "logit_bias", None)
+
+    def logits(self, image: Tensor, text: Tensor) -> Tensor:
+        """(B, D), (C, D) unit features -> (B, C) exp(logit_scale)·cos (+ logit_bias), as open_clip's get_logits."""
+        logits = self.logit_scale.exp() * image @ text.T  # (B, C)
+        bias = self.logit_bias
+        return logits if bias is None else logits + bias
 
     def tokenize(self, texts: list[str]) -> Tensor:
         """Strings -> (N, 77) token ids on CPU (SOT ... EOT, zero padded)."""
@@ -152,6 +236,11 @@ class CLIPBackbone(nn.Module):
         """(B, 3, H, W) -> (B, D); mirrors VisionTransformer.forward block by block; optional K/V or deep prompts, or deltas."""
         _check_one_seam(prompts, lora)
         visual = self.model.visual
+        if not self.image_native:
+            if prompts is not None or deep is not None or lora is not None:
+                raise self._no_seam("image", "image prompts and low-rank deltas")
+            pooled = visual(images)  # (B, D): the tower's own forward, as CLIP.encode_image
+            return F.normalize(pooled, dim=-1) if normalize else pooled
         if deep is None:
             x = visual._embeds(images)  # (B, 1 + N, W): class token + patch tokens
             slots = 0
@@ -185,6 +274,10 @@ class CLIPBackbone(nn.Module):
         """(N, 77) token ids -> (N, D); mirrors CLIP.encode_text, optionally cut after the last EOT and prompted."""
         _check_one_seam(prompts, lora)
         model = self.model
+        if not self.text_native:
+            if prompts is not None or lora is not None:
+                raise self._no_seam("text", "text prompts and low-rank deltas")
+            return model.encode_text(tokens, normalize=normalize)  # (N, D): the tower's own forward
         attn_mask = model.attn_mask  # (77, 77) additive causal mask, or None for bidirectional towers
         positional = model.positional_embedding  # (77, W)
         if truncate:
@@ -212,6 +305,8 @@ class CLIPBackbone(nn.Module):
         The tower adds its positional embeddings, runs under its causal mask and pools at `eot`;
         `truncate` cuts every column after the last EOT (exact: causal). `deep` as in the module docstring.
         """
+        if not self.text_native:
+            raise self._no_seam("text", "learned text context (encode_text_embeddings)")
         model = self.model
         length = embeddings.shape[1]
         if model.attn_mask is None and length != self.context_length:
@@ -231,11 +326,15 @@ class CLIPBackbone(nn.Module):
 
     def token_embeddings(self, tokens: Tensor) -> Tensor:
         """(N, L) token ids -> (N, L, W) rows of the (frozen) token embedding table, before positions."""
+        if not self.text_native:
+            raise self._no_seam("text", "learned text context (token_embeddings)")
         return self.model.token_embedding(tokens.to(self.model.positional_embedding.device))
 
     def eot_positions(self, tokens: Tensor) -> Tensor:
         """(N, L) token ids -> (N,) position each row pools at (its EOT); only EOT-pooled towers have one."""
         model = self.model
+        if not self.text_native:
+            raise self._no_seam("text", "EOT positions")
         if model.text_pool_type == "argmax":
             return tokens.argmax(dim=-1)  # EOT has the largest id
         if model.text_pool_type == "eos":
@@ -303,7 +402,7 @@ class CLIPBackbone(nn.Module):
         """
         if not classnames or not templates:
             raise ValueError("text_features needs at least one class name and one template")
-        device = self.model.positional_embedding.device
+        device = self.logit_scale.device
         total = None
         for template in templates:
             tokens = self.tokenize([template.format(name) for name in classnames])  # (C, 77)
@@ -325,7 +424,7 @@ class CLIPBackbone(nn.Module):
     def text_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Named parameters of the text tower (embeddings, blocks, ln_final, projection), named as in `model`."""
         for name, parameter in self.model.named_parameters():
-            if name.split(".", 1)[0] in _TEXT_PARAMETER_ROOTS:
+            if name.split(".", 1)[0] in _TEXT_PARAMETER_ROOTS:  # `text.…` for a separate text tower
                 yield name, parameter
 
     def qkv_weights(self, tower: str) -> list[tuple[str, nn.Parameter]]:
@@ -337,12 +436,42 @@ class CLIPBackbone(nn.Module):
         ]
 
     def blocks(self, tower: str) -> nn.ModuleList:
-        """The residual blocks of `tower` ("image" or "text"), in order."""
+        """The residual blocks of `tower` ("image" or "text") of the layer loop, in order."""
+        if tower in ("image", "text") and not {"image": self.image_native, "text": self.text_native}[tower]:
+            raise self._no_seam(tower, f"the {tower} layer loop")
         if tower == "image":
             return self.model.visual.transformer.resblocks
         if tower == "text":
             return self.model.transformer.resblocks
         raise ValueError(f"tower must be 'image' or 'text', got {tower!r}")
+
+    def tower_blocks(self, tower: str) -> list[tuple[str, nn.Module]]:
+        """Every residual block of `tower`, of any family, as (parameter-name prefix, module), in order.
+
+        Native towers: `[visual.]transformer.resblocks.i.`; timm towers: `visual.trunk.blocks.i.` (or the
+        blocks of each stage); ResNets: each bottleneck of `visual.layer1..4`; Hugging Face towers: their
+        encoder layers. The blocks are the children of the outermost containers named like blocks.
+        """
+        if tower == "image":
+            root, prefix = self.model.visual, "visual."
+        elif tower == "text":
+            text = getattr(self.model, "text", None)
+            root, prefix = (text, "text.") if text is not None else (self.model.transformer, "transformer.")
+        else:
+            raise ValueError(f"tower must be 'image' or 'text', got {tower!r}")
+        found: list[tuple[str, nn.Module]] = []
+        taken: list[str] = []
+        for name, module in root.named_modules():
+            if any(name.startswith(t) for t in taken):
+                continue  # inside a block already found
+            if isinstance(module, (nn.ModuleList, nn.Sequential)) and _BLOCK_CONTAINER.match(name.rsplit(".", 1)[-1]):
+                children = list(module.named_children())
+                if children:
+                    found += [(f"{prefix}{name}.{child}.", block) for child, block in children]
+                    taken.append(f"{name}.")
+        if not found:
+            raise ClipAdaptError(f"found no residual blocks in {self.tower_kind(tower)} of {self.arch}")
+        return found
 
     def _pooled_length(self, tokens: Tensor) -> int | None:
         """Columns needed to reach every row's pooling position, or None if the tower cannot be truncated."""
@@ -426,35 +555,158 @@ def _prompted_block(block: nn.Module, x: Tensor, prompts: Tensor, attn_mask: Ten
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-def check_weights(arch: str, pretrained: str | None, cache_dir: str | None = None) -> None:
+def check_weights(
+    arch: str, pretrained: str | None, cache_dir: str | None = None, model_config: str | None = None
+) -> None:
     """Fail now, with the fix in the message, if `arch` or its weights cannot be had (downloads if needed)."""
-    model_cfg = _model_config(arch)
+    _resolve(arch, pretrained, model_config, cache_dir)
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """What open_clip is given for one model: its name, its config and the create_model arguments."""
+
+    arch: str  # the user's name: an open_clip name, `hf-hub:org/repo`, `local-dir:PATH`, a model_config's stem
+    name: str  # what open_clip.create_model / get_tokenizer are given (`local-dir:` of the Hub cache for hf-hub)
+    cfg: dict[str, Any]
+    kwargs: dict[str, Any]  # `pretrained` (a local file), force_quick_gelu, force_preprocess_cfg
+
+
+def _resolve(arch: str, pretrained: str | None, model_config: str | None, cache_dir: str | None) -> _Resolved:
+    """The one name resolver: an open_clip name + tag/file, a model config file of one's own, hf-hub:, local-dir:."""
+    if model_config:
+        arch = _register_config(model_config)
+    schema, identifier = open_clip.factory.parse_model_name(arch)
+    if schema is None:
+        cfg = _model_config(arch)
+        kwargs = _pretrained_kwargs(arch, pretrained, cfg, cache_dir) if pretrained else {}
+        return _Resolved(arch, arch, cfg, kwargs)
     if pretrained:
-        _pretrained_kwargs(arch, pretrained, model_cfg, cache_dir)
+        log.info("%s names its own weights: pretrained=%r is ignored (as open_clip does)", arch, pretrained)
+    folder = _hub_folder(identifier, cache_dir) if schema == "hf-hub" else os.path.expanduser(identifier)
+    cfg = _folder_config(folder, arch)
+    weights = open_clip.factory._find_checkpoint_in_dir(Path(folder))
+    if weights is not None:
+        read_weights(weights)  # safe and cheap (mmap): a file that is not weights ends here in one line
+    else:
+        log.warning("%s has no weights file: the model is randomly initialised", arch)
+    return _Resolved(arch, f"local-dir:{folder}", cfg, {})
+
+
+def _register_config(path: str) -> str:
+    """Register a user's open_clip model config JSON under its file stem (open_clip.add_model_config); the stem."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ClipAdaptError(f"model_config {file} does not exist: pass an open_clip model config JSON file")
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ClipAdaptError(f"model_config {file} is not JSON ({err}): pass an open_clip model config") from None
+    missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in cfg]
+    if missing:
+        raise ClipAdaptError(
+            f"model_config {file} has no {', '.join(missing)}: an open_clip model config has embed_dim, vision_cfg "
+            "and text_cfg (see open_clip/model_configs/*.json)"
+        )
+    name = file.stem
+    known = open_clip.get_model_config(name)
+    if known is not None and known != cfg:
+        raise ClipAdaptError(
+            f"model_config {file} is named {name!r}, which open_clip already knows with another config: rename the file"
+        )
+    if known is None:
+        open_clip.add_model_config(file)
+    return name
+
+
+def _folder_config(folder: str, arch: str) -> dict[str, Any]:
+    """The model config in `folder`/open_clip_config.json (open_clip's layout for hf-hub: and local-dir:)."""
+    file = Path(folder) / "open_clip_config.json"
+    if not file.is_file():
+        raise ClipAdaptError(
+            f"{arch}: no open_clip_config.json in {folder}: point local-dir: at an open_clip model folder"
+        )
+    try:
+        cfg = json.loads(file.read_text())["model_cfg"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ClipAdaptError(f"{arch}: {file} has no model_cfg ({type(err).__name__}: {err})") from None
+    _check_family(cfg, arch, named=False)
+    return cfg
+
+
+def _hub_folder(repo_id: str, cache_dir: str | None) -> str:
+    """The Hub cache folder holding `repo_id`'s config and weights, downloading them only when the Hub answers."""
+    names = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    config = huggingface_hub.try_to_load_from_cache(repo_id, "open_clip_config.json", cache_dir=cache_dir)
+    cached = [huggingface_hub.try_to_load_from_cache(repo_id, name, cache_dir=cache_dir) for name in names]
+    if isinstance(config, str) and any(isinstance(c, str) for c in cached):
+        return os.path.dirname(config)
+    hf_cache = str(cache_dir or hf_constants.HF_HUB_CACHE)
+
+    def unavailable(reason: str) -> PretrainedWeightsUnavailableError:
+        return PretrainedWeightsUnavailableError(
+            f"hf-hub:{repo_id} (open_clip_config.json and {' or '.join(names)}) is not in the Hugging Face cache "
+            f"{hf_cache} and could not be downloaded ({reason}). Download it once on a machine with internet access "
+            f"(`huggingface-cli download {repo_id}`) and copy the cache folder here (or point cache_dir / "
+            "HF_HUB_CACHE at it), or pass `local-dir:PATH` of a folder with both files."
+        )
+
+    if huggingface_hub.is_offline_mode():
+        raise unavailable("HF_HUB_OFFLINE is set")
+    _probe_hub(repo_id, "open_clip_config.json", unavailable)
+    try:
+        config = huggingface_hub.hf_hub_download(repo_id, "open_clip_config.json", cache_dir=cache_dir)
+        for name in names:
+            try:
+                huggingface_hub.hf_hub_download(repo_id, name, cache_dir=cache_dir)
+                break
+            except EntryNotFoundError:
+                continue
+    except Exception as error:  # noqa: BLE001 - repository, revision and network errors differ by version
+        raise unavailable(f"download failed: {type(error).__name__}: {error}") from error
+    return os.path.dirname(config)
+
+
+def _probe_hub(repo_id: str, filename: str, unavailable: Callable[[str], Exception]) -> None:
+    """One short HEAD request: open_clip's own download retries unreachable hosts for ~50 s."""
+    try:
+        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo_id, filename), timeout=PROBE_TIMEOUT_S)
+    except HfHubHTTPError:
+        pass  # the Hub answered (e.g. 404 for one file name): it is reachable
+    except Exception as error:  # noqa: BLE001 - connection, DNS, proxy and timeout errors differ by HTTP backend
+        raise unavailable(f"Hugging Face Hub unreachable: {type(error).__name__}: {error}") from error
 
 
 def _model_config(arch: str) -> dict[str, Any]:
-    """The open_clip config of `arch`, checked to be a native CLIP with ViT towers."""
+    """The open_clip config of a registered name, checked to be a family clipadapt runs."""
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
         close = difflib.get_close_matches(arch, open_clip.list_models(), n=5, cutoff=0.5)
         hint = f" Close matches: {', '.join(close)}." if close else ""
         raise ValueError(
             f"Unknown open_clip architecture {arch!r}.{hint} "
-            "See all names with `python -c 'import open_clip; print(open_clip.list_models())'`."
+            "See all names with `python -c 'import open_clip; print(open_clip.list_models())'`, or pass "
+            "hf-hub:org/repo, local-dir:PATH, or your own config as model_config."
         )
-    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
-    # The layer loop mirrors the native CLIP ViT only; timm/HF towers and ResNets are laid out differently.
-    if (
-        cfg.get("custom_text")
-        or "timm_model_name" in vision
-        or "hf_model_name" in text
-        or isinstance(vision.get("layers"), (list, tuple))
-    ):
-        raise ValueError(
-            f"{arch!r} is not a native open_clip CLIP ViT (timm/HF towers, ResNets and CoCa are not supported yet)"
-        )
+    _check_family(cfg, arch)
     return cfg
+
+
+def _check_family(cfg: dict[str, Any], arch: str, named: bool = True) -> None:
+    """Refuse what clipadapt does not run (CoCa), and a Hugging Face tower without its package, in one line.
+
+    `named`: `arch` is an open_clip name, whose "siglip" makes open_clip pick its SigLIP tokenizer (transformers).
+    """
+    if "multimodal_cfg" in cfg:
+        raise ClipAdaptError(f"{arch} is a CoCa captioning model: clipadapt runs contrastive CLIP / SigLIP models")
+    text = cfg.get("text_cfg", {})
+    if text.get("hf_model_name") or text.get("hf_tokenizer_name") or (named and "siglip" in arch.lower()):
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ClipAdaptError(
+                f"{arch} has a Hugging Face text tower or tokenizer: install transformers (pip install transformers)"
+            ) from None
 
 
 def _pretrained_kwargs(arch: str, pretrained: str, model_cfg: dict[str, Any], cache_dir: str | None) -> dict[str, Any]:
@@ -470,7 +722,7 @@ def _pretrained_kwargs(arch: str, pretrained: str, model_cfg: dict[str, Any], ca
             tags = open_clip.list_pretrained_tags_by_model(arch)
             raise ValueError(
                 f"Unknown pretrained tag {pretrained!r} for {arch!r}. Known tags: {tags or 'none'}; "
-                "or pass a local checkpoint file path."
+                "or pass a local checkpoint file path, or null for random init."
             )
         path = os.path.expanduser(pretrained)
         if not os.path.isfile(path):
@@ -557,13 +809,7 @@ def _resolve_tag(arch: str, tag: str, tag_cfg: dict[str, Any], cache_dir: str | 
         raise unavailable("the tag has no Hugging Face Hub source")
     if huggingface_hub.is_offline_mode():
         raise unavailable("HF_HUB_OFFLINE is set")
-    # One short HEAD request first: open_clip's own download retries unreachable hosts for ~50 s.
-    try:
-        huggingface_hub.get_hf_file_metadata(huggingface_hub.hf_hub_url(repo_id, names[0]), timeout=PROBE_TIMEOUT_S)
-    except HfHubHTTPError:
-        pass  # the Hub answered (e.g. 404 for the safetensors name): it is reachable, let open_clip pick the file
-    except Exception as error:  # noqa: BLE001 - connection, DNS, proxy and timeout errors differ by HTTP backend
-        raise unavailable(f"Hugging Face Hub unreachable: {type(error).__name__}: {error}") from error
+    _probe_hub(repo_id, names[0], unavailable)  # then let open_clip pick the file
     try:
         return open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir), False
     except Exception as error:  # noqa: BLE001 - open_clip wraps every download failure differently

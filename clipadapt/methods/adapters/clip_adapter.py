@@ -58,7 +58,7 @@ class CLIPAdapter(AdaptationModule):
         with torch.no_grad():  # the image tower is frozen: no graph through it
             features = self.clip.encode_image(images, normalize=False)  # (B, D)
         blended = residual_blend(features, self.adapter(features), self.hparams.residual_ratio)  # (B, D)
-        return self.clip.logit_scale.exp() * blended @ text.T
+        return self.clip.logits(blended, text)  # scale·blended·ŵᵀ (+ SigLIP's bias)
 
     def export_state_dict(self) -> dict[str, Tensor]:
         """The frozen open_clip state dict plus `clip_adapter.{0,2}.weight` (the MLP) and `clip_adapter.residual_ratio`.

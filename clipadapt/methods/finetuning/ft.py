@@ -72,7 +72,7 @@ class FT(AdaptationModule):
             features = call_with_weights(self.clip.model, self.ensembled_visual(), self.clip.encode_image, images)
         else:
             features = self.clip.encode_image(images)  # (B, D)
-        return self.clip.logit_scale.exp() * features @ text.T
+        return self.clip.logits(features, text)  # scale·cos (+ SigLIP's bias)
 
     def export_state_dict(self) -> dict[str, Tensor]:
         """A plain open_clip state dict: the image tower is the WiSE ensemble (θ_ft itself when α = 1)."""

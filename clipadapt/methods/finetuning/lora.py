@@ -57,6 +57,7 @@ class CLIPLoRA(AdaptationModule):
         self.save_hyperparameters()
         if encoders not in ENCODERS:
             raise ValueError(f"encoders must be one of {tuple(ENCODERS)}, got {encoders!r}")
+        self.clip.require_native(type(self).__name__, ENCODERS[encoders])  # the q/k/v deltas need the layer loop
         self.lora = LowRankQKV.for_backbone(self.clip, ENCODERS[encoders], rank, lora_alpha, lora_dropout)
 
     def trainable(self, stage: str) -> Iterable[nn.Parameter]:
@@ -65,17 +66,19 @@ class CLIPLoRA(AdaptationModule):
     def text_trainable(self) -> bool:
         return "text" in self.lora.towers and any(p.requires_grad for p in self.lora.parameters())
 
-    def _encode(self, fn: Callable[..., Tensor], *args: Any) -> Tensor:
+    def _encode(self, fn: Callable[..., Tensor], tower: str, *args: Any) -> Tensor:
         """`fn(*args)` of the backbone with LoRA: the dropout branch in training, else the merged weights."""
+        if tower not in self.lora.towers:
+            return fn(*args)  # a tower without LoRA (which may have no layer loop: a ResNet under encoders=text)
         if self.training and self.lora.dropout > 0:
             return fn(*args, lora=self.lora)
         return call_with_weights(self.clip.model, self.lora.merged_weights(self.clip), fn, *args)
 
     def encode_classes(self, classnames: list[str], templates: list[str]) -> Tensor:
-        return self._encode(self.clip.text_features, classnames, templates)
+        return self._encode(self.clip.text_features, "text", classnames, templates)
 
     def classify(self, images: Tensor, text: Tensor) -> Tensor:
-        return self.clip.logit_scale.exp() * self._encode(self.clip.encode_image, images) @ text.T
+        return self.clip.logits(self._encode(self.clip.encode_image, "image", images), text)  # (+ bias: SigLIP)
 
     def export_state_dict(self) -> dict[str, Tensor]:
         """A plain open_clip state dict with LoRA merged: in_proj_weight = W + s·[B_q A_q; B_k A_k; B_v A_v]."""

@@ -31,6 +31,8 @@ from clipadapt.models.context import TextContext, init_context
 class CoCoOp(AdaptationModule):
     """Learned context + meta-net bias from the image: per-image text features for every class."""
 
+    native_towers = ("text",)  # the learned prompts enter through these towers' layer seams
+
     def __init__(
         self,
         classnames: list[str],

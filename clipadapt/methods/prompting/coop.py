@@ -32,6 +32,8 @@ from clipadapt.models.context import TextContext, init_context
 class CoOp(AdaptationModule):
     """Learned context vectors in the text prompt (unified or class-specific); everything else frozen."""
 
+    native_towers = ("text",)  # the learned prompts enter through these towers' layer seams
+
     def __init__(
         self,
         classnames: list[str],

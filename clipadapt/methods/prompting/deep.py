@@ -15,6 +15,8 @@ from clipadapt.models.context import VLPrompts
 class DeepPromptLearner(AdaptationModule):
     """Text and image features through `self.vl_prompts`, set by the subclass's `__init__`."""
 
+    native_towers = ("image", "text")  # the learned prompts enter through these towers' layer seams
+
     vl_prompts: VLPrompts
 
     def trainable(self, stage: str) -> Iterable[nn.Parameter]:
