@@ -379,6 +379,11 @@ class AdaptationModule(L.LightningModule):
             metrics["test/hm"] = harmonic_mean(accs["base"], accs["novel"])
         for key, value in metrics.items():
             self.log(key, value, add_dataloader_idx=False)
+        # TensorBoard's HPARAMS tab compares runs by `hp_metric` (TensorBoardLogger writes -1 at the start):
+        # the protocol's headline number, HM for base-to-novel, else the first evaluation set's accuracy.
+        headline = metrics.get("test/hm", next(iter(accs.values()), None))
+        if headline is not None:
+            self.log("hp_metric", headline, add_dataloader_idx=False)
         self.write_json("test_metrics.json", metrics | self.run_summary())
 
     def write_json(self, name: str, payload: Any) -> None:
