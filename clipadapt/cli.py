@@ -144,7 +144,8 @@ def sweep_main(argv: Sequence[str]) -> None:
         prog="clipadapt sweep",
         allow_abbrev=False,
         description="Run `clipadapt fit` for every dataset x shots x seed (x --grid value) into "
-        "OUT/<method>/<protocol>/<dataset>/shots_<K>/seed_<S>/, skipping finished runs (test_metrics.json exists). "
+        "OUT/<method>/<protocol>/<dataset>/shots_<K>/seed_<S>/, skipping finished runs (test_metrics.json exists) "
+        "and resuming interrupted ones from their checkpoints/last.ckpt. "
         "Any other argument (e.g. --data.root DATA, --trainer.max_epochs 5) is passed to every run.",
     )
     parser.add_argument("--config", action="append", required=True, help="config file(s), as for `clipadapt fit`")
@@ -191,16 +192,19 @@ def sweep_main(argv: Sequence[str]) -> None:
     for i, run in enumerate(todo, 1):
         run_dir = Path(args.out) / run.relpath()
         fit = experiments.fit_args(run, run_dir, args.config, extra, args.command)
+        resume = experiments.resume_checkpoint(run_dir) if args.command == "fit" else None
         if args.dry_run:
-            print(f"  todo {run_dir}")
+            print(f"  {'resume' if resume else 'todo'} {run_dir}")
         elif args.jobs:
             job = Path(args.jobs) / ("__".join(run.relpath().parts) + ".sh")
             job.parent.mkdir(parents=True, exist_ok=True)
             job.write_text(experiments.job_script(fit, run_dir, header))
             print(f"  wrote {job}")
         else:
-            print(f"[{i}/{len(todo)}] {run_dir}", flush=True)
-            if run_dir.exists():  # an interrupted attempt: start it over, stale checkpoints and events included
+            print(f"[{i}/{len(todo)}] {run_dir}" + (f" (resumed from {resume})" if resume else ""), flush=True)
+            if resume:  # interrupted: continue from its last epoch, in the same folder
+                fit += ["--ckpt_path", str(resume)]
+            elif run_dir.exists():  # interrupted before its first checkpoint: start it over, stale events included
                 shutil.rmtree(run_dir)
             if isolate:
                 if subprocess.run([sys.executable, "-m", "clipadapt.cli", *fit]).returncode:
