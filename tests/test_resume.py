@@ -191,3 +191,22 @@ def test_adapt_killed_mid_pruning_ends_with_the_same_masks_and_weights(tmp_path:
     assert masks == json.loads((ref / "masks.json").read_text())
     assert live > masks["live"] == 48  # killed while pruning, ended at T_target
     assert_same_weights(run / "checkpoints" / "last.ckpt", ref / "checkpoints" / "last.ckpt")
+
+
+def test_randomness_inside_a_step_is_drawn_from_seed_epoch_and_batch(monkeypatch):
+    # CLIP-LoRA's dropout draws from the global RNG: seeded per step, a resumed run draws the same masks.
+    from clipadapt.methods import CLIPLoRA
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "1")
+    model = CLIPLoRA(["cat", "dog"], ["a photo of a {}."], arch="clipadapt-tiny", pretrained=None)
+    model.lora.requires_grad_(False)  # B starts at 0: give the branch a value, so its dropout shows in the loss
+    for p in model.lora.parameters():
+        p.normal_()
+    model.train()
+    batch = (torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    model.training_step(batch, 0)  # fills the cache of the (frozen here) text features
+    torch.manual_seed(3)
+    first = model.training_step(batch, 0)
+    torch.manual_seed(4)  # whatever the global RNG held before the step
+    assert torch.equal(first, model.training_step(batch, 0))
+    assert not torch.equal(first, model.training_step(batch, 1))  # another batch: other dropout masks
