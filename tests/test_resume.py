@@ -56,7 +56,7 @@ def test_training_batches_follow_seed_and_epoch_only(data_root: Path, tmp_path: 
 def test_the_train_seed_is_the_runs_and_travels_in_checkpoints(data_root: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # what seed_everything leaves
     dm = tiny_datamodule(data_root, tmp_path / "cache", num_shots=2, seed=1)
-    assert dm.state_dict() == {"train_seed": 7}
+    assert dm.state_dict() == {"train_seed": 7, "next_epoch": 0}
     monkeypatch.setenv("PL_GLOBAL_SEED", "3")
     resumed = tiny_datamodule(data_root, tmp_path / "cache", num_shots=2, seed=1)
     resumed.load_state_dict(dm.state_dict())
@@ -179,7 +179,8 @@ def test_adapt_killed_mid_pruning_ends_with_the_same_masks_and_weights(tmp_path:
     flags = ["--model.init_args.target_length", "48", "--model.init_args.prune_after_epochs", "0"]
     flags += ["--model.init_args.accumulate_steps", "2", "--trainer.max_epochs", "3"]
     main(["fit", *common(tmp_path, tmp_path / "ref", "adapt_fewshot.yaml"), *flags])
-    args = [*common(tmp_path, tmp_path / "kill", "adapt_fewshot.yaml"), *flags]
+    # Killed and resumed with loader workers, which fetch the first batches as Lightning builds the loader.
+    args = [*common(tmp_path, tmp_path / "kill", "adapt_fewshot.yaml"), *flags, "--data.num_workers", "2"]
     killed([*args, *kill_config(tmp_path, epoch=1)], tmp_path)
     ckpt = run_folder(tmp_path / "kill") / "checkpoints" / "last.ckpt"
     saved = checkpoints.read_checkpoint(ckpt)

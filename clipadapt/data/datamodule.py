@@ -18,7 +18,8 @@ index). `EpochSampler` draws each epoch's order from its own generator seeded by
 hands each index on as an `ItemKey`; `ImageList` runs the augmentation of that item under the global
 RNG seeded by the key (inside `torch.random.fork_rng`, so nothing outside sees it). So a run killed
 and resumed from `last.ckpt` (Lightning restores the epoch and calls `set_epoch`) sees the same
-batches, with any `num_workers` (the key travels with the index, not in a worker's state) and under
+batches, with any `num_workers` (the key travels with the index, not in a worker's state; the sampler
+starts at the resumed epoch, kept in checkpoints, as workers fetch before Lightning's `set_epoch`) and under
 DDP (each rank takes its shard of the same order, padded as DistributedSampler pads). The train seed
 is the run's global seed (`seed_everything`, which the CLI sets from `data.seed`), else `data.seed`,
 and travels in checkpoints (`state_dict`). Deviation: Dassl shuffles with the global RNG; the draws
@@ -251,6 +252,7 @@ class CLIPDataModule(L.LightningDataModule):
         self.train_flip = train_flip
         self.cache_dir = cache_dir
         self.train_seed: int | None = None  # the run's seed, fixed at the first training loader (state_dict)
+        self._start_epoch = 0  # the epoch a resumed fit starts at (state_dict)
         self._data: dict | None = None
         self._eval: list[tuple[EvalSet, list[Datum]]] | None = None
 
@@ -307,13 +309,18 @@ class CLIPDataModule(L.LightningDataModule):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to draw the same batches: the train seed."""
-        return {"train_seed": self._train_seed()}
+        """What a resumed run needs to draw the same batches: the train seed and the epoch it resumes at."""
+        return {"train_seed": self._train_seed(), "next_epoch": self._epochs_done()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore `state_dict()` (Lightning calls it when a fit resumes from a checkpoint)."""
         if state_dict.get("train_seed") is not None:
             self.train_seed = int(state_dict["train_seed"])
+        self._start_epoch = int(state_dict.get("next_epoch", 0))
+
+    def _epochs_done(self) -> int:
+        """Training epochs finished so far (what Lightning's set_epoch gives the sampler next); 0 outside a fit."""
+        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
 
     def _train_seed(self) -> int:
         if self.train_seed is None:
@@ -430,10 +437,15 @@ class CLIPDataModule(L.LightningDataModule):
         """Shuffled k-shot train split (`EpochSampler`); drop_last only when there is at least one full batch (Dassl)."""
         items = self._load()["train"]
         ds = ImageList(items, build_transform(self._size(), True, self.train_crop_scale, self.train_flip))
+        sampler = EpochSampler(ds, self._train_seed())
+        # Lightning builds the loader's iterator before its set_epoch, and workers fetch their first batches
+        # then: the sampler must already be at the epoch about to run. On resume the trainer's loops are not
+        # restored yet when the loader is built, so that epoch comes from the checkpoint (`state_dict`).
+        sampler.set_epoch(max(self._start_epoch, self._epochs_done()))
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            sampler=EpochSampler(ds, self._train_seed()),
+            sampler=sampler,
             drop_last=len(ds) >= self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
