@@ -73,13 +73,15 @@ class KillAt(L.Callback):
     Used from a config (`trainer.callbacks: [{class_path: doubles.KillAt, ...}]`) of a CLI subprocess.
     """
 
-    def __init__(self, epoch: int, batch: int = 0) -> None:
-        self.epoch, self.batch = epoch, batch
+    def __init__(self, epoch: int, batch: int = 0, group: bool = False) -> None:
+        self.epoch, self.batch, self.group = epoch, batch, group  # group: every process of the session (DDP ranks)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            if self.group:
+                os.killpg(os.getpgid(0), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
 
 

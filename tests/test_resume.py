@@ -106,19 +106,30 @@ def test_a_write_that_fails_midway_leaves_the_previous_checkpoint(tmp_path: Path
 # ---- killed and resumed through the CLI ----
 
 
-def kill_config(tmp_path: Path, epoch: int, batch: int = 1) -> list[str]:
+def kill_config(tmp_path: Path, epoch: int, batch: int = 1, group: bool = False) -> list[str]:
     path = tmp_path / f"kill_{epoch}.yaml"
-    callback = {"class_path": "doubles.KillAt", "init_args": {"epoch": epoch, "batch": batch}}
+    callback = {"class_path": "doubles.KillAt", "init_args": {"epoch": epoch, "batch": batch, "group": group}}
     path.write_text(yaml.safe_dump({"trainer": {"callbacks": [callback]}}))
     return ["--config", str(path)]
 
 
+def fit_process(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """`clipadapt fit ARGS` in a subprocess, in a session of its own (so a KillAt of the group kills only it)."""
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    return subprocess.run(
+        [sys.executable, "-m", "clipadapt.cli", "fit", *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        start_new_session=True,
+        timeout=600,
+    )
+
+
 def killed(args: list[str], tmp_path: Path) -> None:
     """`clipadapt fit ARGS` in a subprocess that SIGKILLs itself (KillAt in ARGS)."""
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    run = subprocess.run(
-        [sys.executable, "-m", "clipadapt.cli", "fit", *args], env=env, cwd=tmp_path, capture_output=True, text=True
-    )
+    run = fit_process(args, tmp_path)
     assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
 
 
@@ -211,3 +222,27 @@ def test_randomness_inside_a_step_is_drawn_from_seed_epoch_and_batch(monkeypatch
     torch.manual_seed(4)  # whatever the global RNG held before the step
     assert torch.equal(first, model.training_step(batch, 0))
     assert not torch.equal(first, model.training_step(batch, 1))  # another batch: other dropout masks
+
+
+@pytest.mark.slow  # three 2-process runs: make test-slow
+def test_ddp_with_loader_workers_killed_and_resumed_ends_as_if_never_killed(tmp_path: Path):
+    # 2 CPU ranks x 2 loader workers, 3 epochs of one step per rank; both ranks killed as epoch 2 starts.
+    flags = [
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--data.num_workers",
+        "2",
+        "--trainer.max_epochs",
+        "3",
+    ]
+    ref = fit_process([*common(tmp_path, tmp_path / "ref", "linear_probe_fewshot.yaml"), *flags], tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    args = [*common(tmp_path, tmp_path / "kill", "linear_probe_fewshot.yaml"), *flags]
+    killed([*args, *kill_config(tmp_path, epoch=2, batch=0, group=True)], tmp_path)
+    ckpt = run_folder(tmp_path / "kill") / "checkpoints" / "last.ckpt"
+    assert checkpoints.read_checkpoint(ckpt)["epoch"] == 1
+    run = fit_process([*args, "--ckpt_path", str(ckpt)], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_weights(ckpt, run_folder(tmp_path / "ref") / "checkpoints" / "last.ckpt")
