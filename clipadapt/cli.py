@@ -12,17 +12,12 @@ fit / validate / test / predict are LightningCLI subcommands (the method is the 
 (as Dassl's train.py does) unless `--test_after_fit false`. The global seed defaults to
 `data.seed`, so `--data.seed 2` changes the few-shot draw and the training randomness together.
 
-`--ckpt_path FILE`: LightningCLI replaces the config's model arguments with the checkpoint's. Here a
-checkpoint of another method is refused, and so is a given model argument (set by a flag or a config
-file, not a default) that the checkpoint's would replace with another value; when a checkpoint is evaluated,
-the method's `test_time_args` take the given value instead (decision for issue 10 §2: only arguments
-that shape nothing but the evaluation). Every checkpoint is read with weights_only=True
-(`clipadapt.checkpoints`); the checks apply to a file path, Lightning's `last` / `hpc` keywords and
-URLs are only loaded safely.
+`clipadapt --help` lists every subcommand without importing torch, Lightning or open_clip: each
+subcommand imports what it needs when it runs (the LightningCLI lives in `clipadapt.lightning_cli`,
+which also documents `--ckpt_path` and the checkpoints, resume and logging defaults).
 """
 
 import argparse
-import importlib
 import inspect
 import shutil
 import subprocess
@@ -31,184 +26,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import open_clip
-import torch
-from jsonargparse import Namespace
-from lightning.pytorch import seed_everything
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-
-import clipadapt.methods
-from clipadapt import checkpoints, experiments
-from clipadapt.data import CLIPDataModule
-from clipadapt.data.datamodule import summarize_dataset
-from clipadapt.data.readers import resolve_dataset
 from clipadapt.errors import ClipAdaptError
-from clipadapt.methods import AdaptationModule
-from clipadapt.models.backbone import PretrainedWeightsUnavailableError, check_weights
-
-
-class ClipAdaptCLI(LightningCLI):
-    """LightningCLI with the data -> model links and the protocol's defaults."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Known only once the datamodule has read its split file.
-        parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
-        parser.link_arguments("data.templates", "model.init_args.templates", apply_on="instantiate")
-        parser.add_argument("--test_after_fit", type=bool, default=True, help="Test the last-epoch model after fit.")
-
-    def before_instantiate_classes(self) -> None:
-        if self._get(self.config, "seed_everything") is False:  # not given: follow the data seed
-            seed = self._get(self.config, "data.seed")
-            try:
-                seed_everything(seed, workers=True)
-            except ValueError as err:  # runs before instantiate_classes' own one-line handling
-                sys.exit(f"clipadapt: error: data.seed {seed} cannot seed the run ({err}); the protocol uses 1, 2, 3")
-            self.config[self.subcommand]["seed_everything"] = seed
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        self._args = args  # parsed again without defaults (`_given_model_args`) when a checkpoint is given
-        super().parse_arguments(parser, args)
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI would take the checkpoint's model class and arguments over the config's without a
-        # word: another method, or a given argument that would not take effect, is refused here instead.
-        try:
-            self._restore_checkpoint_arguments()
-        except (FileNotFoundError, ClipAdaptError) as err:
-            sys.exit(f"clipadapt: error: {err}")
-
-    def _restore_checkpoint_arguments(self) -> None:
-        subcommand = self.config.get("subcommand")
-        if not subcommand:
-            return
-        config = self.config[subcommand]
-        if config.get("weights_only") is False:
-            raise ClipAdaptError(
-                "--weights_only false would unpickle any object a checkpoint names, which can run code from it: "
-                "drop the flag (clipadapt checkpoints load with weights_only=True)"
-            )
-        ckpt_path = config.get("ckpt_path")
-        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_KEYWORDS or "://" in str(ckpt_path):
-            return  # Lightning resolves these; it loads them with weights_only=True (`_prepare_subcommand_kwargs`)
-        checkpoint = checkpoints.read_checkpoint(ckpt_path, "--ckpt_path")
-        method = _import(config.model.class_path)
-        name, saved = f"{method.__module__}.{method.__qualname__}", checkpoints.method_path(checkpoint)
-        if saved != name:
-            raise ClipAdaptError(
-                f"--ckpt_path {ckpt_path} is a checkpoint of {saved}, but the config's model is {name}: pass a "
-                f"checkpoint of {method.__name__}, or the config of the run that wrote it (its config.yaml)"
-            )
-        hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
-        if not hparams:
-            return
-        # What LightningCLI does: the checkpoint's arguments over the config's.
-        restored = {subcommand: {"model": {"class_path": config.model.class_path, "dict_kwargs": hparams}}}
-        merged = self.parser.parse_object(restored, self.config)
-        unknown = sorted(merged[subcommand].model.get("dict_kwargs") or {})
-        if unknown:
-            raise ClipAdaptError(
-                f"--ckpt_path {ckpt_path} saved arguments that {method.__name__} does not take ({', '.join(unknown)}): "
-                "it was written by another version of clipadapt; use that version, or start a new run"
-            )
-        before, after = config.model.init_args, merged[subcommand].model.init_args
-        allowed = method.test_time_args if subcommand != "fit" else frozenset()
-        refused = []
-        for key in sorted(self._given_model_args(subcommand) - LINKED_MODEL_ARGS):
-            if before.get(key) == after.get(key):
-                continue
-            if key in allowed:
-                after[key] = before[key]  # shapes only the evaluation: the given value takes effect
-            else:
-                refused += _differences(f"model.init_args.{key}", before.get(key), after.get(key))
-        if refused:
-            hint = (
-                f"at test time only {', '.join(sorted(allowed))} may differ from the checkpoint"
-                if allowed
-                else "to train with other values, start a new run without --ckpt_path"
-            )
-            raise ClipAdaptError(
-                f"--ckpt_path restores the model's arguments from {ckpt_path}, so {', '.join(refused)} would not "
-                f"take effect: drop {'it' if len(refused) == 1 else 'them'} ({hint})"
-            )
-        self.config = merged
-
-    def _given_model_args(self, subcommand: str) -> set[str]:
-        """The model arguments a config file or a flag set (defaults excluded)."""
-        parse = self.parser.parse_object if isinstance(self._args, (dict, Namespace)) else self.parser.parse_args
-        given = parse(self._args, defaults=False).get(f"{subcommand}.model.init_args")
-        return set(vars(given)) if isinstance(given, Namespace) else set()
-
-    def instantiate_classes(self) -> None:
-        # Bad input (unknown model or dataset, missing files, weights unavailable offline) ends in
-        # one line that says what to fix, not in a traceback from deep inside jsonargparse.
-        try:
-            _check_folder(self._get(self.config, "trainer.default_root_dir"), "trainer.default_root_dir")
-            model = self._get(self.config, "model.init_args")
-            check_weights(model.arch, model.pretrained, model_config=getattr(model, "model_config", None))
-            super().instantiate_classes()
-        except (FileNotFoundError, ValueError, PretrainedWeightsUnavailableError, ClipAdaptError) as err:
-            sys.exit(f"clipadapt: error: {_reason(err)}")
-
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if "weights_only" in self._subcommand_method_arguments[subcommand]:
-            # Explicit, so that TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn it off; also covers `last` / `hpc`.
-            kwargs["weights_only"] = True
-        return kwargs
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        try:
-            super()._run_subcommand(subcommand)
-        except ClipAdaptError as err:  # bad input met while running (a file, a checkpoint): one line
-            sys.exit(f"clipadapt: error: {err}")
-
-    def after_fit(self) -> None:
-        if self._get(self.config, "test_after_fit"):
-            self.trainer.test(self.model, datamodule=self.datamodule)
-
-
-LIGHTNING_CKPT_KEYWORDS = ("last", "hpc", "registry")  # `--ckpt_path` values Lightning resolves itself
-LINKED_MODEL_ARGS = {"classnames", "templates"}  # set from the datamodule at instantiation, never from a checkpoint
-
-
-def _reason(err: BaseException) -> str:
-    """The message of a ClipAdaptError that jsonargparse wrapped while building a class, else `err`'s own."""
-    cause: BaseException | None = err
-    while cause is not None:
-        if isinstance(cause, ClipAdaptError):
-            return str(cause)
-        cause = cause.__cause__ or cause.__context__
-    return str(err)
-
-
-def _import(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-def _differences(key: str, given: Any, saved: Any) -> list[str]:
-    """`key=given (checkpoint: saved)` for each differing leaf (an optimizer's lr, not the whole optimizer)."""
-    if isinstance(given, Namespace) and isinstance(saved, Namespace):
-        mine, theirs = dict(given.items()), dict(saved.items())
-        leaves = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-        return [f"{key}.{k}={mine.get(k)!r} (checkpoint: {theirs.get(k)!r})" for k in leaves]
-    return [f"{key}={given!r} (checkpoint: {saved!r})"]
-
-
-def _check_folder(path: str | None, name: str) -> None:
-    """Fail now if `path` (created on demand) is, or lies inside, a file."""
-    if not path:
-        return
-    for folder in (Path(path).expanduser(), *Path(path).expanduser().parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise ClipAdaptError(f"{name} {path}: {folder} is a file, not a folder: pass a folder path")
-            return
 
 
 def data_main(argv: Sequence[str]) -> None:
     """`clipadapt data check` / `prepare`: (download and arrange, then) validate a dataset, decode every image."""
     from clipadapt.data import prepare
+    from clipadapt.data.datamodule import summarize_dataset
     from clipadapt.data.images import check_images
     from clipadapt.data.readers import read_splits
 
@@ -277,6 +101,13 @@ def export_main(argv: Sequence[str]) -> None:
 
 
 def _export(ckpt: str, out: Path) -> None:
+    import open_clip
+    import torch
+
+    import clipadapt.methods
+    from clipadapt import checkpoints
+    from clipadapt.methods import AdaptationModule
+
     checkpoint = checkpoints.read_checkpoint(ckpt, "--ckpt")
     methods = {f"{c.__module__}.{c.__qualname__}": c for c in vars(clipadapt.methods).values() if isinstance(c, type)}
     method = methods.get(checkpoints.method_path(checkpoint))
@@ -328,7 +159,8 @@ def sweep_main(argv: Sequence[str]) -> None:
         prog="clipadapt sweep",
         allow_abbrev=False,
         description="Run `clipadapt fit` for every dataset x shots x seed (x --grid value) into "
-        "OUT/<method>/<protocol>/<dataset>/shots_<K>/seed_<S>/, skipping finished runs (test_metrics.json exists). "
+        "OUT/<method>/<protocol>/<dataset>/shots_<K>/seed_<S>/, skipping finished runs (test_metrics.json exists) "
+        "and resuming interrupted ones from their checkpoints/last.ckpt. "
         "Any other argument (e.g. --data.root DATA, --trainer.max_epochs 5) is passed to every run.",
     )
     parser.add_argument("--config", action="append", required=True, help="config file(s), as for `clipadapt fit`")
@@ -351,6 +183,9 @@ def sweep_main(argv: Sequence[str]) -> None:
         help="run each point in its own Python process (automatic unless trainer.devices is 1 on one node)",
     )
     args, extra = parser.parse_known_args(argv)
+    from clipadapt import experiments
+    from clipadapt.data.readers import resolve_dataset
+
     try:  # a missing config or a misspelt dataset fails here, not after hours of other runs
         config = experiments.merged_config(args.config, extra)
         data = config.get("data", {})
@@ -372,16 +207,19 @@ def sweep_main(argv: Sequence[str]) -> None:
     for i, run in enumerate(todo, 1):
         run_dir = Path(args.out) / run.relpath()
         fit = experiments.fit_args(run, run_dir, args.config, extra, args.command)
+        resume = experiments.resume_checkpoint(run_dir) if args.command == "fit" else None
         if args.dry_run:
-            print(f"  todo {run_dir}")
+            print(f"  {'resume' if resume else 'todo'} {run_dir}")
         elif args.jobs:
             job = Path(args.jobs) / ("__".join(run.relpath().parts) + ".sh")
             job.parent.mkdir(parents=True, exist_ok=True)
             job.write_text(experiments.job_script(fit, run_dir, header))
             print(f"  wrote {job}")
         else:
-            print(f"[{i}/{len(todo)}] {run_dir}", flush=True)
-            if run_dir.exists():  # an interrupted attempt: start it over, stale checkpoints and events included
+            print(f"[{i}/{len(todo)}] {run_dir}" + (f" (resumed from {resume})" if resume else ""), flush=True)
+            if resume:  # interrupted: continue from its last epoch, in the same folder
+                fit += ["--ckpt_path", str(resume)]
+            elif run_dir.exists():  # interrupted before its first checkpoint: start it over, stale events included
                 shutil.rmtree(run_dir)
             if isolate:
                 if subprocess.run([sys.executable, "-m", "clipadapt.cli", *fit]).returncode:
@@ -425,6 +263,8 @@ def report_main(argv: Sequence[str]) -> None:
         "names pick and order the rows (default: every method)",
     )
     args = parser.parse_args(argv)
+    from clipadapt import experiments
+
     skipped: list[str] = []
     results = experiments.read_results(Path(args.runs), skipped)
     for problem in skipped:
@@ -459,23 +299,58 @@ def report_main(argv: Sequence[str]) -> None:
 
 
 COMMANDS = {"data": data_main, "export": export_main, "sweep": sweep_main, "report": report_main}
+LIGHTNING_COMMANDS = {
+    "fit": "train a method (the config's model.class_path), then test the last-epoch model",
+    "validate": "evaluate on the validation split",
+    "test": "evaluate on the test sets (zero-shot, training-free methods, or --ckpt_path of a fit)",
+    "predict": "predicted classes of the first evaluation set",
+}
 
 
-def main(args: ArgsType = None) -> None:
+def usage() -> str:
+    """What `clipadapt --help` prints: every subcommand, one line each."""
+    lines = [
+        "usage: clipadapt {" + ",".join([*LIGHTNING_COMMANDS, *COMMANDS]) + "} ...",
+        "",
+        "Few-shot adaptation of CLIP-style models (CoOp protocol) on PyTorch Lightning and open_clip.",
+        "",
+        "subcommands (`clipadapt SUBCOMMAND --help` for the options of one):",
+    ]
+    for name, text in LIGHTNING_COMMANDS.items():
+        lines.append(f"  {name:9} {text}")
+    for name, command in COMMANDS.items():
+        summary = (command.__doc__ or "").strip().splitlines()[0] if command.__doc__ else ""
+        lines.append(f"  {name:9} {summary.split(': ', 1)[-1].rstrip('.')}")
+    lines += ["", "example: clipadapt fit --config configs/demo.yaml"]
+    return "\n".join(lines)
+
+
+def main(args: Sequence[str] | None = None) -> None:
     """Console entry point."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        if not argv:
+            sys.exit(2)
+        return
+    if argv[0] in COMMANDS:
         COMMANDS[argv[0]](argv[1:])
         return
-    ClipAdaptCLI(
-        AdaptationModule,
-        CLIPDataModule,
-        subclass_mode_model=True,  # the config picks the method by class_path
-        auto_configure_optimizers=False,  # methods build their optimizer per stage
-        seed_everything_default=False,  # replaced by data.seed in before_instantiate_classes
-        save_config_kwargs={"overwrite": True},
-        args=args,  # None: LightningCLI reads sys.argv itself
-    )
+    from clipadapt.lightning_cli import run  # torch, Lightning and open_clip: only now
+
+    run(args)
+
+
+def __getattr__(name: str) -> Any:
+    """`clipadapt.cli.ClipAdaptCLI` and its helpers, from the module that imports Lightning (on first use)."""
+    if name.startswith("__"):
+        raise AttributeError(name)
+    from clipadapt import lightning_cli
+
+    try:
+        return getattr(lightning_cli, name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 A sweep expands one config over datasets x shots x seeds (x any `--grid` key) into runs whose folder says
 what they are, `<out>/<method>/<protocol>/<dataset>/shots_<K>/seed_<S>/`; a run is finished once
-`test_metrics.json` exists there. The report reads those folders (saved `config.yaml` + final metrics)
+`test_metrics.json` exists there; an unfinished fit with a `checkpoints/last.ckpt` is resumed from it
+(`--ckpt_path`, into the same folder), one without starts over. The report reads those folders (saved `config.yaml` + final metrics)
 and builds the papers' tables: few-shot accuracy, base/novel/HM, ImageNet -> OOD, and several methods
 side by side (`comparison_tables`: rows = methods, columns = datasets + average; also cross-dataset).
 Everything but the file reading is a pure function of plain data.
@@ -145,6 +146,12 @@ def is_finished(run_dir: Path) -> bool:
     return (Path(run_dir) / METRICS_FILE).is_file()
 
 
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The `last.ckpt` an interrupted `clipadapt fit` left in `run_dir` (checkpoints are written whole), else None."""
+    ckpt = Path(run_dir) / "checkpoints" / "last.ckpt"
+    return ckpt if ckpt.is_file() else None
+
+
 def needs_own_process(config: dict[str, Any]) -> bool:
     """True unless the run is one process on one device: DDP ranks cannot be relaunched twice in one process."""
     trainer = config.get("trainer", {})
@@ -168,13 +175,22 @@ def fit_args(run: Run, run_dir: Path, configs: list[str], extra: list[str], comm
 def job_script(args: list[str], run_dir: Path, header: str = "") -> str:
     """A bash job (SLURM header optional) for one sweep point; `srun` lets Lightning see the allocation.
 
-    Resubmitting is safe: a finished run exits at once, an interrupted one starts over in a clean folder.
+    Resubmitting is safe: a finished run exits at once, an interrupted fit resumes from its last.ckpt, and a
+    run without one starts over in a clean folder.
     """
     launch = "srun " if "#SBATCH" in header else ""
     folder = shlex.quote(str(run_dir))
     lines = [header.rstrip("\n") if header else "#!/bin/bash", "set -euo pipefail"]
-    lines += [f"[ -f {folder}/{METRICS_FILE} ] && exit 0", f"rm -rf {folder}"]
-    return "\n".join([*lines, launch + shlex.join(["clipadapt", *args])]) + "\n"
+    lines += [f"[ -f {folder}/{METRICS_FILE} ] && exit 0"]
+    command = launch + shlex.join(["clipadapt", *args])
+    if args[:1] != ["fit"]:
+        return "\n".join([*lines, f"rm -rf {folder}", command]) + "\n"
+    ckpt = shlex.quote(str(Path(run_dir) / "checkpoints" / "last.ckpt"))
+    lines += [
+        "resume=()",
+        f"if [ -f {ckpt} ]; then resume=(--ckpt_path {ckpt}); else rm -rf {folder}; fi",
+    ]
+    return "\n".join([*lines, command + ' ${resume[@]+"${resume[@]}"}']) + "\n"
 
 
 # ---- report ----

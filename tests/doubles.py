@@ -1,6 +1,8 @@
 """Test doubles and the tiny set-ups that several tests (and their DDP subprocesses) share."""
 
 import json
+import os
+import signal
 import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -63,6 +65,24 @@ class TwoStage(LinearProbe):
         yield self.head
         if stage == "all":
             yield from (p for _, p in self.clip.image_parameters())
+
+
+class KillAt(L.Callback):
+    """Test double: SIGKILL this process as batch `batch` of epoch `epoch` starts (a real kill: nothing is cleaned up).
+
+    Used from a config (`trainer.callbacks: [{class_path: doubles.KillAt, ...}]`) of a CLI subprocess.
+    """
+
+    def __init__(self, epoch: int, batch: int = 0, group: bool = False) -> None:
+        self.epoch, self.batch, self.group = epoch, batch, group  # group: every process of the session (DDP ranks)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            if self.group:
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def one_line_error(argv: list[str]) -> str:

@@ -1,7 +1,9 @@
 """Every shipped config runs through the real CLI on the tiny model; bad input fails clearly."""
 
+import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from clipadapt.data import write_synthetic
 from clipadapt.data.readers import resolve_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = ["--config", str(REPO / "configs" / "tiny.yaml")]
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if p.name != "tiny.yaml")
 # The paper's schedule does not fit the tiny model trained 2 epochs (T_target=128 of its 64 prompt tokens;
 # n_k=80 steps): a budget and schedule that prune within them, so the run exercises the pruning.
@@ -178,3 +181,51 @@ def test_report_skips_a_corrupt_metrics_file_names_it_and_reports_the_rest(tmp_p
     out, err = capsys.readouterr()
     assert "75.0" in out and "1 runs" in out  # the good run is reported
     assert f"skipped {tmp_path / 'lightning_logs' / 'version_1' / 'test_metrics.json'}: JSONDecodeError" in err
+
+
+# ---- what users look at (issue 10 §6) ----
+
+
+def test_help_lists_every_subcommand_without_importing_torch():
+    check = (
+        "import sys; from clipadapt.cli import main; main(['--help']); "
+        "heavy = {'torch', 'lightning', 'open_clip'} & set(sys.modules); assert not heavy, heavy"
+    )
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, check=True).stdout
+    for command in ("fit", "validate", "test", "predict", "data", "export", "sweep", "report"):
+        assert f"\n  {command} " in out, out
+    assert subprocess.run([sys.executable, "-m", "clipadapt.cli"], capture_output=True, env=env).returncode == 2
+
+
+def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    events = EventMultiplexer().AddRunsFromDirectory(str(run))
+    events.Reload()
+    (name,) = events.Runs()
+    return {tag: [(e.step, e.value) for e in events.Scalars(name, tag)] for tag in events.Runs()[name]["scalars"]}
+
+
+def test_tensorboard_has_lr_loss_and_the_test_metric_and_image_size_follows_the_model(data_root: Path, tmp_path: Path):
+    main(
+        ["fit", "--config", str(REPO / "configs" / "linear_probe_fewshot.yaml"), *TINY, "--data.root", str(data_root)]
+        + ["--data.image_size", "null", "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path)]
+    )
+    (run,) = run_dirs(tmp_path)
+    tags = scalars(run)
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    steps = checkpoints.read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"]  # epoch 1's, the last
+    # every step, though an epoch has 3 (at Lightning's log_every_n_steps=50 a few-shot run logs no loss at all)
+    assert len(tags["train/loss"]) == steps and any(tag.startswith("lr-") for tag in tags)
+    assert tags["hp_metric"][-1] == (steps, pytest.approx(metrics["test/oxford_pets/acc"]))  # not -1
+    assert "test/oxford_pets/acc" in tags  # the test after fit is in the fit's run
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["image_size"] is None  # 32 px came from the model
+
+
+def test_an_image_size_the_model_does_not_take_is_refused_before_training(data_root: Path, tmp_path: Path):
+    message = one_line_error(
+        ["fit", "--config", str(REPO / "configs" / "linear_probe_fewshot.yaml"), *TINY, "--data.root", str(data_root)]
+        + ["--data.image_size", "224", "--trainer.default_root_dir", str(tmp_path)]
+    )
+    assert "data.image_size=224 but clipadapt-tiny takes 32 px images" in message

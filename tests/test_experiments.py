@@ -251,6 +251,21 @@ def test_sweep_again_runs_nothing(sweep_dir: Path, monkeypatch: pytest.MonkeyPat
     assert "8 runs, 8 finished, 0 to run" in capsys.readouterr().out
 
 
+def test_sweep_resumes_an_interrupted_fit_from_its_last_checkpoint(sweep_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    # A run killed after its last epoch's checkpoint, before its test: resumed (its training is kept), not redone.
+    run_dir = sweep_dir / "runs/linearprobe/fewshot/dtd/shots_2/seed_2"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    (run_dir / "test_metrics.json").unlink()
+    before = {p.name for p in run_dir.glob("events.out.tfevents.*")}
+    launched, real_main = [], cli.main
+    monkeypatch.setattr(cli, "main", lambda: (launched.append(sys.argv[1:]), real_main()))
+    argv = TINY_SWEEP + ["--datasets", "dtd", "--shots", "2", "--seeds", "2", "--out", str(sweep_dir / "runs")]
+    cli.sweep_main(argv + ["--data.root", str(sweep_dir / "data"), "--data.cache_dir", str(sweep_dir / "cache")])
+    (args,) = launched
+    assert args[-2:] == ["--ckpt_path", str(ckpt)]
+    assert experiments.is_finished(run_dir) and before < {p.name for p in run_dir.glob("events.out.tfevents.*")}
+
+
 def test_report_equals_the_per_run_metrics(sweep_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     cli.main(["report", str(sweep_dir / "runs"), "--out", str(tmp_path)])
     printed = capsys.readouterr().out
@@ -288,7 +303,8 @@ def test_sweep_jobs_are_valid_slurm_scripts_for_unfinished_runs_only(sweep_dir: 
         text = job.read_text()
         assert text.startswith("#!/bin/bash") and "#SBATCH --ntasks-per-node=1" in text
         assert "\nsrun clipadapt fit --config" in text and "--data.dataset eurosat" in text
-    # A finished run's job does nothing (safe to resubmit); an unfinished one starts from an empty folder.
+    # A finished run's job does nothing (safe to resubmit); an unfinished one resumes from its last.ckpt, or
+    # starts from an empty folder without one.
     done = sweep_dir / "runs/linearprobe/fewshot/oxford_pets/shots_1/seed_1"
     finished_job = tmp_path / "finished.sh"
     finished_job.write_text(experiments.job_script(["fit", "--no-such-flag"], done))
@@ -299,6 +315,25 @@ def test_sweep_jobs_are_valid_slurm_scripts_for_unfinished_runs_only(sweep_dir: 
     stale_job.write_text(experiments.job_script(["data", "--help"], stale))
     subprocess.run(["bash", str(stale_job)], check=True, capture_output=True)
     assert not stale.exists()
+    interrupted = tmp_path / "interrupted/run"
+    (interrupted / "checkpoints").mkdir(parents=True)
+    (interrupted / "checkpoints" / "last.ckpt").write_text("stands for a checkpoint")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "clipadapt").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$ARGS"\n')
+    (fake / "clipadapt").chmod(0o755)
+    resume_job = tmp_path / "resume.sh"
+    resume_job.write_text(experiments.job_script(["fit", "--config", "c.yaml"], interrupted))
+    env = os.environ | {"PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "ARGS": str(tmp_path / "args")}
+    subprocess.run(["bash", str(resume_job)], check=True, env=env)
+    assert (tmp_path / "args").read_text().split() == [
+        "fit",
+        "--config",
+        "c.yaml",
+        "--ckpt_path",
+        str(interrupted / "checkpoints/last.ckpt"),
+    ]
+    assert (interrupted / "checkpoints" / "last.ckpt").exists()  # kept
 
 
 @pytest.mark.slow  # two processes: make test-slow

@@ -12,8 +12,24 @@ than train a head row it never sees. Before training, `fit` also opens every tes
 parse, no decode, in parallel), so a corrupt test image ends the run before training, not after it.
 Deviation: Dassl takes the classes from the train split; the same list whenever every class has a
 train image, which holds for all CoOp datasets.
+
+Exact resume (issue 10 §5): what a training step sees is a pure function of (train seed, epoch,
+index). `EpochSampler` draws each epoch's order from its own generator seeded by (seed, epoch) and
+hands each index on as an `ItemKey`; `ImageList` runs the augmentation of that item under the global
+RNG seeded by the key (inside `torch.random.fork_rng`, so nothing outside sees it). So a run killed
+and resumed from `last.ckpt` (Lightning restores the epoch and calls `set_epoch`) sees the same
+batches, with any `num_workers` (the key travels with the index, not in a worker's state; the sampler
+starts at the resumed epoch, kept in checkpoints, as workers fetch before Lightning's `set_epoch`) and under
+DDP (each rank takes its shard of the same order, padded as DistributedSampler pads). The train seed
+is the run's global seed (`seed_everything`, which the CLI sets from `data.seed`), else `data.seed`,
+and travels in checkpoints (`state_dict`). Deviation: Dassl shuffles with the global RNG; the draws
+differ, their distribution does not.
+
+`image_size` (None) follows the backbone: `setup` reads it from the trainer's model, and an explicit
+value that does not match the model is refused there, before the first step.
 """
 
+import hashlib
 import logging
 import math
 import os
@@ -21,6 +37,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -41,8 +58,10 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "CLIPDataModule",
+    "EpochSampler",
     "EvalSet",
     "ImageList",
+    "ItemKey",
     "UnpaddedDistributedSampler",
     "summarize_dataset",
 ]
@@ -64,8 +83,26 @@ class EvalSet:
     dataset: str
 
 
+class ItemKey(NamedTuple):
+    """An item of one epoch of one run: its augmentation is a function of these three numbers only."""
+
+    seed: int
+    epoch: int
+    index: int
+
+
+def stream_seed(*numbers: int) -> int:
+    """A 63-bit seed that mixes `numbers` (a hash: (1, 2) and (2, 1) or (seed, epoch + 1) do not collide)."""
+    digest = hashlib.blake2b(",".join(map(str, numbers)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class ImageList(Dataset):
-    """(image, label) pairs from a list of `Datum`; an unreadable file raises `ImageReadError` naming it and `split`."""
+    """(image, label) pairs from a list of `Datum`; an unreadable file raises `ImageReadError` naming it and `split`.
+
+    Indexed by an int (evaluation), or by an `ItemKey` (training, from `EpochSampler`): the transform then
+    runs under the global RNG seeded by the key, restored afterwards.
+    """
 
     def __init__(self, items: Sequence[Datum], transform: T.Compose, split: str = "train") -> None:
         self.items = list(items)
@@ -75,9 +112,42 @@ class ImageList(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        path, label, _ = self.items[index]
-        return self.transform(read_rgb(path, self.split)), label
+    def __getitem__(self, key: int | ItemKey) -> tuple[Tensor, int]:
+        if not isinstance(key, ItemKey):
+            path, label, _ = self.items[key]
+            return self.transform(read_rgb(path, self.split)), label
+        path, label, _ = self.items[key.index]
+        image = read_rgb(path, self.split)
+        with torch.random.fork_rng(devices=[]):  # torchvision's random transforms draw from the global RNG
+            torch.manual_seed(stream_seed(*key))
+            return self.transform(image), label
+
+
+class EpochSampler(DistributedSampler):
+    """Training order drawn from (seed, epoch) alone; yields `ItemKey`s, rank r takes every W-th of the order.
+
+    A DistributedSampler subclass, so Lightning keeps it under DDP (and calls `set_epoch` every epoch,
+    also on resume). The order is padded to a multiple of the world size as DistributedSampler pads.
+    Without an initialised process group it is one shard: the whole order.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, num_replicas: int | None = None, rank: int | None = None) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+
+    def order(self) -> list[int]:
+        """This epoch's permutation of the whole dataset (every rank draws the same one)."""
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch))
+        return torch.randperm(len(self.dataset), generator=generator).tolist()  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[ItemKey]:
+        order = self.order()
+        order = (order * math.ceil(self.total_size / max(len(order), 1)))[: self.total_size]
+        return iter(ItemKey(self.seed, self.epoch, i) for i in order[self.rank : self.total_size : self.num_replicas])
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -137,7 +207,7 @@ class CLIPDataModule(L.LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 100,
         num_workers: int = 4,
-        image_size: int = 224,
+        image_size: int | None = None,
         train_crop_scale: tuple[float, float] = (0.08, 1.0),
         train_flip: bool = True,
         cache_dir: str | None = None,
@@ -154,7 +224,8 @@ class CLIPDataModule(L.LightningDataModule):
             batch_size: training batch size.
             eval_batch_size: batch size of the val and test loaders.
             num_workers: data loader worker processes.
-            image_size: crop size; follows the backbone (224 for ViT-B/16, 32 for the tiny test model).
+            image_size: crop size; None follows the backbone (224 for ViT-B/16, 32 for the tiny test model);
+                a value the model does not take is refused at setup.
             train_crop_scale: RandomResizedCrop scale range (Dassl (0.08, 1); CLIP-AST (0.5, 1)).
             train_flip: random horizontal flip in training (off for CLIP-CITE).
             cache_dir: where few-shot draws are recorded (default ~/.cache/clipadapt/fewshot).
@@ -181,6 +252,8 @@ class CLIPDataModule(L.LightningDataModule):
         self.train_crop_scale = train_crop_scale
         self.train_flip = train_flip
         self.cache_dir = cache_dir
+        self.train_seed: int | None = None  # the run's seed, fixed at the first training loader (state_dict)
+        self._start_epoch = 0  # the epoch a resumed fit starts at (state_dict)
         self._data: dict | None = None
         self._eval: list[tuple[EvalSet, list[Datum]]] | None = None
 
@@ -214,11 +287,46 @@ class CLIPDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Read splits and draw the few-shot subsets (cached; also done lazily by the properties); check before fit."""
+        self._follow_model()
         self._load()
         if stage == "fit":
             self._check_fit()
         if stage in (None, "test", "predict"):
             self._load_eval()
+
+    def _follow_model(self) -> None:
+        """`image_size` from the trainer's model (None: take it; another value: refuse now, not at the first step)."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        size = getattr(getattr(model, "clip", None), "image_size", None)
+        if size is None:
+            return
+        if self.image_size is None:
+            self.image_size = size
+        elif self.image_size != size:
+            arch = model.hparams.get("arch", type(model).__name__)
+            raise ClipAdaptError(
+                f"data.image_size={self.image_size} but {arch} takes {size} px images: drop data.image_size "
+                f"(it follows the model) or set it to {size}"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to draw the same batches: the train seed and the epoch it resumes at."""
+        return {"train_seed": self._train_seed(), "next_epoch": self._epochs_done()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore `state_dict()` (Lightning calls it when a fit resumes from a checkpoint)."""
+        if state_dict.get("train_seed") is not None:
+            self.train_seed = int(state_dict["train_seed"])
+        self._start_epoch = int(state_dict.get("next_epoch", 0))
+
+    def _epochs_done(self) -> int:
+        """Training epochs finished so far (what Lightning's set_epoch gives the sampler next); 0 outside a fit."""
+        return self.trainer.fit_loop.epoch_progress.current.processed if self.trainer is not None else 0
+
+    def _train_seed(self) -> int:
+        if self.train_seed is None:
+            self.train_seed = int(os.environ.get("PL_GLOBAL_SEED", self.seed))  # seed_everything's, else data.seed
+        return self.train_seed
 
     def _ensure_synthetic(self) -> None:
         if self.dataset == "synthetic" and not dataset_dir(self.root, self.dataset).exists():
@@ -312,8 +420,11 @@ class CLIPDataModule(L.LightningDataModule):
 
     # ---- loaders ----
 
+    def _size(self) -> int:
+        return self.image_size if self.image_size is not None else 224  # outside a Trainer: ViT-B/16's
+
     def _eval_loader(self, items: list[Datum], split: str) -> DataLoader:
-        ds = ImageList(items, build_transform(self.image_size, train=False), split)
+        ds = ImageList(items, build_transform(self._size(), train=False), split)
         return DataLoader(
             ds,
             batch_size=self.eval_batch_size,
@@ -324,13 +435,18 @@ class CLIPDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled k-shot train split; drop_last only when there is at least one full batch (Dassl)."""
+        """Shuffled k-shot train split (`EpochSampler`); drop_last only when there is at least one full batch (Dassl)."""
         items = self._load()["train"]
-        ds = ImageList(items, build_transform(self.image_size, True, self.train_crop_scale, self.train_flip))
+        ds = ImageList(items, build_transform(self._size(), True, self.train_crop_scale, self.train_flip))
+        sampler = EpochSampler(ds, self._train_seed())
+        # Lightning builds the loader's iterator before its set_epoch, and workers fetch their first batches
+        # then: the sampler must already be at the epoch about to run. On resume the trainer's loops are not
+        # restored yet when the loader is built, so that epoch comes from the checkpoint (`state_dict`).
+        sampler.set_epoch(max(self._start_epoch, self._epochs_done()))
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=sampler,
             drop_last=len(ds) >= self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -7,6 +7,10 @@ A method says *which* parameters train in *which* stage (`trainable`), *which* l
 (`training_losses`), how it classifies (`classify`, `class_embeddings`; `class_logits` when its text
 depends on the image) and what happens at a stage boundary (`on_stage_end`).
 
+Exact resume: each training step first seeds the global RNG from (run seed, epoch, batch, rank), so
+what a step draws (CLIP-LoRA's dropout) is the same in a run resumed from a checkpoint as in the
+uninterrupted one; the data stream is seeded the same way (`clipadapt.data.datamodule`).
+
 Deviation from Dassl, on purpose: the warmup + cosine schedule is stepped per optimizer step
 (Dassl steps per epoch); with few-shot data an epoch is a handful of steps, so the curves differ
 only in smoothness.
@@ -29,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import Metric
 
 from clipadapt.checkpoints import keep_plain
-from clipadapt.data.datamodule import CLIP_MEAN, CLIP_STD
+from clipadapt.data.datamodule import CLIP_MEAN, CLIP_STD, stream_seed
 from clipadapt.data.templates import templates_for
 from clipadapt.errors import ClipAdaptError
 from clipadapt.models import CLIPBackbone
@@ -341,6 +345,7 @@ class AdaptationModule(L.LightningModule):
         return factor
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        torch.manual_seed(stream_seed(run_seed(), self.current_epoch, batch_idx, self.global_rank))
         images, labels = batch
         losses = self.training_losses(images, labels)
         loss = sum(losses.values())
@@ -409,6 +414,11 @@ class AdaptationModule(L.LightningModule):
             metrics["test/hm"] = harmonic_mean(accs["base"], accs["novel"])
         for key, value in metrics.items():
             self.log(key, value, add_dataloader_idx=False)
+        # TensorBoard's HPARAMS tab compares runs by `hp_metric` (TensorBoardLogger writes -1 at the start):
+        # the protocol's headline number, HM for base-to-novel, else the first evaluation set's accuracy.
+        headline = metrics.get("test/hm", next(iter(accs.values()), None))
+        if headline is not None:
+            self.log("hp_metric", headline, add_dataloader_idx=False)
         self.write_json("test_metrics.json", metrics | self.run_summary())
 
     def write_json(self, name: str, payload: Any) -> None:
