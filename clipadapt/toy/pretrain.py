@@ -108,6 +108,7 @@ def pretrain(
     threads: int = DEFAULTS["threads"],
     eval_every: int = DEFAULTS["eval_every"],
     out_partial: str | Path | None = None,
+    eval_per_class: int = EVAL_PER_CLASS,
 ) -> dict[str, Any]:
     """Train the toy CLIP from scratch; write `clipadapt-toy.safetensors` and its manifest into `out`; return the manifest."""
     from safetensors.torch import save_file
@@ -147,7 +148,7 @@ def pretrain(
         with torch.no_grad():
             backbone.logit_scale.clamp_(0, math.log(100))
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            accuracy = evaluate(backbone)
+            accuracy = evaluate(backbone, eval_per_class)
             curve.append(
                 {
                     "step": step + 1,
@@ -190,7 +191,7 @@ def pretrain(
         "samples": steps * batch_size,
         "seconds": round(time.time() - start, 1),
         "torch": torch.__version__,
-        "eval": {"per_class": EVAL_PER_CLASS, "seed": EVAL_SEED, "template": TEMPLATE},
+        "eval": {"per_class": eval_per_class, "seed": EVAL_SEED, "template": TEMPLATE},
         "zero_shot": {d: {k: round(v, 2) for k, v in a.items()} for d, a in accuracy.items()},
         "curve": curve,
     }
