@@ -44,14 +44,14 @@ EVAL_SEED = 2024  # the fixed zero-shot test sets: a different stream from any t
 EVAL_PER_CLASS = 20
 TEMPLATE = "a photo of a {}."
 DEFAULTS: dict[str, Any] = {
-    "steps": 400,
+    "steps": 1000,
     "batch_size": 256,
     "lr": 2e-3,
     "weight_decay": 0.1,
-    "warmup": 40,
+    "warmup": 100,
     "seed": 0,
     "threads": 1,
-    "eval_every": 100,
+    "eval_every": 200,
 }
 
 

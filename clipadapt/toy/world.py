@@ -109,7 +109,7 @@ DOMAINS: dict[str, Shift] = {
     "toy": Shift(),
     "toy_dusk": Shift(gain=0.38, gamma=1.5, tint=(0.02, 0.04, 0.12), noise=0.03),
     "toy_blur": Shift(blur=1.3, noise=0.12),
-    "toy_palette": Shift(hue=55.0),
+    "toy_palette": Shift(hue=30.0),
     "toy_habitat": Shift(habitat=True),
 }
 
