@@ -157,3 +157,21 @@ def test_pretrain_toy_command_needs_an_output_folder(capsys):
     with pytest.raises(SystemExit):
         main(["pretrain-toy", "--steps", "1"])
     assert "--out is required" in capsys.readouterr().err
+
+
+def test_check_retrains_and_compares_with_the_manifest(tmp_path: Path, monkeypatch, capsys):
+    settings = dict(steps=1, batch_size=4, warmup=1, eval_every=1, threads=1)
+    manifest = pretrain.pretrain(tmp_path / "shipped", **settings, eval_per_class=1)
+    monkeypatch.setattr(pretrain, "SHIPPED_MANIFEST", tmp_path / "shipped" / "clipadapt-toy.json")
+    main(["pretrain-toy", "--check", "--out", str(tmp_path / "again")])
+    assert f"same weights as shipped (sha256 {manifest['sha256']})" in capsys.readouterr().out
+    # Other bytes: the accuracies decide, within the tolerance.
+    manifest["sha256"] = "0" * 64
+    manifest["zero_shot"]["toy"]["all"] += 0.05
+    (tmp_path / "shipped" / "clipadapt-toy.json").write_text(json.dumps(manifest))
+    main(["pretrain-toy", "--check", "--out", str(tmp_path / "again")])
+    assert "same zero-shot accuracies within 0.1 points" in capsys.readouterr().out
+    manifest["zero_shot"]["toy_dusk"]["base"] += 5
+    (tmp_path / "shipped" / "clipadapt-toy.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match="toy_dusk/base"):
+        main(["pretrain-toy", "--check", "--out", str(tmp_path / "again")])

@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         shipped = json.loads(SHIPPED_MANIFEST.read_text())
         settings = shipped["settings"]
         out = args.out or tempfile.mkdtemp(prefix="clipadapt-toy-check-")
-        manifest = pretrain(out, **settings)
+        manifest = pretrain(out, **settings, eval_per_class=shipped["eval"]["per_class"])
         if manifest["sha256"] == shipped["sha256"]:
             print(f"same weights as shipped (sha256 {manifest['sha256']})")  # a command's result
             return
