@@ -12,7 +12,12 @@ domain, curve).
 
 Deterministic: the same settings and thread count on the same machine give the same bytes. Across
 machines (another CPU, another torch build) float rounding may differ; `--check` then compares the
-zero-shot accuracies with the shipped manifest's within `--tolerance` points.
+zero-shot accuracies with the shipped manifest's within `--tolerance` points. One thread by default:
+the result then does not depend on the core count (and on a shared 2-core machine two threads ran 3x
+slower than one).
+
+The shipped files live in `clipadapt/models/pretrained/` (not `models/weights/`: `models/weights.py` is
+a module) and are found by the bundled tag `toy` (`clipadapt.models.backbone.BUNDLED_TAGS`).
 """
 
 import argparse
