@@ -344,7 +344,7 @@ MARKER = ".clipadapt_toy.json"
 def write_toy(
     root: str | os.PathLike,
     domain: str = "toy",
-    train_per_class: int = 16,
+    train_per_class: int = 32,
     val_per_class: int = 4,
     test_per_class: int = 25,
     seed: int = 0,
