@@ -17,7 +17,7 @@ class ZeroShotComparison(L.Callback):
 
     The zero-shot accuracies go to `zero_shot_metrics.json` in the run folder and to the logger as
     `zero_shot/<set>/acc`; after `test`, one table shows zero-shot and adapted accuracy per test set
-    (and HM for base-to-novel). Single-process: it is a demo's and a notebook's summary, not a protocol metric.
+    (and HM for base-to-novel). Under DDP each rank scores its share of the test images and the counts are summed.
     """
 
     def __init__(self) -> None:
@@ -31,11 +31,12 @@ class ZeroShotComparison(L.Callback):
         pl_module.eval()
         accs = {}
         for eval_set, loader in zip(datamodule.eval_sets, datamodule.test_dataloader(), strict=True):
-            correct = total = 0
+            counts = torch.zeros(2, device=pl_module.device)  # correct, total
             for images, labels in loader:
                 logits = pl_module.class_logits(images.to(pl_module.device), eval_set.classnames, eval_set.templates)
-                correct += (logits.argmax(-1).cpu() == labels).sum().item()
-                total += labels.numel()
+                counts[0] += (logits.argmax(-1) == labels.to(logits.device)).sum()
+                counts[1] += labels.numel()
+            correct, total = trainer.strategy.reduce(counts, reduce_op="sum").tolist()  # each rank scored its share
             accs[eval_set.name] = 100.0 * correct / max(total, 1)
         pl_module._text_cache.clear()  # encoded outside any loop: let training start from a clean cache
         pl_module.train(was_training)
