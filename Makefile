@@ -1,4 +1,4 @@
-.PHONY: help install lint format test test-slow test-all demo bench
+.PHONY: help install lint format test test-slow test-all demo toy-check bench
 
 help:      ## list targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | awk 'BEGIN{FS=":.*## "}{printf "  %-9s %s\n",$$1,$$2}'
@@ -23,8 +23,11 @@ test-slow: ## what make test leaves out: multi-process DDP / torchrun / sweep ru
 test-all:  ## everything this machine can run (pretrained tests need CLIPADAPT_PRETRAINED_FILE)
 	python -m pytest
 
-demo:      ## offline end-to-end run: synthetic data, tiny model, TensorBoard logs + checkpoint
+demo:      ## offline: CLIP-AST adapts the shipped toy CLIP to a shifted toy domain (~1-2 min CPU)
 	clipadapt fit --config configs/demo.yaml
+
+toy-check: ## retrain the shipped toy CLIP (~10 min on 2 cores) and compare with its manifest
+	clipadapt pretrain-toy --check
 
 bench:     ## speed benchmarks on the present device (CPU here; GPU when there is one)
 	python benchmarks/text_encoder.py

@@ -6,9 +6,10 @@
     clipadapt export --ckpt lightning_logs/version_0/checkpoints/last.ckpt --out tuned.pt
     clipadapt sweep --config configs/ast_fewshot.yaml --datasets oxford_pets dtd --shots 1 16 --seeds 1 2 3 --data.root DATA
     clipadapt report runs
+    clipadapt pretrain-toy --out /tmp/toy        (or --check: retrain the shipped toy CLIP and compare)
 
 fit / validate / test / predict are LightningCLI subcommands (the method is the config's
-`model.class_path`); `data`, `export`, `sweep` and `report` are ours. `fit` ends with the protocol's test of the last-epoch weights
+`model.class_path`); `data`, `export`, `sweep`, `report` and `pretrain-toy` are ours. `fit` ends with the protocol's test of the last-epoch weights
 (as Dassl's train.py does) unless `--test_after_fit false`. The global seed defaults to
 `data.seed`, so `--data.seed 2` changes the few-shot draw and the training randomness together.
 
@@ -298,7 +299,20 @@ def report_main(argv: Sequence[str]) -> None:
         )
 
 
-COMMANDS = {"data": data_main, "export": export_main, "sweep": sweep_main, "report": report_main}
+def pretrain_toy_main(argv: Sequence[str]) -> None:
+    """`clipadapt pretrain-toy`: pretrain the toy CLIP on the toy world (or `--check` the shipped weights)."""
+    from clipadapt.toy.pretrain import main as pretrain_main
+
+    pretrain_main(argv)
+
+
+COMMANDS = {
+    "data": data_main,
+    "export": export_main,
+    "sweep": sweep_main,
+    "report": report_main,
+    "pretrain-toy": pretrain_toy_main,
+}
 LIGHTNING_COMMANDS = {
     "fit": "train a method (the config's model.class_path), then test the last-epoch model",
     "validate": "evaluate on the validation split",

@@ -16,10 +16,12 @@ import torch
 from doubles import QUIET, tiny_datamodule
 
 from clipadapt.data import CLIPDataModule, write_synthetic
+from clipadapt.toy import write_toy
 
 torch.set_num_threads(1)
 
 TINY = {"arch": "clipadapt-tiny", "pretrained": None}
+TOY = {"arch": "clipadapt-toy", "pretrained": "toy"}  # the pretrained toy CLIP shipped in the package
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +36,14 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One synthetic root, shared by the session; datasets are added by `write_synthetic` on demand."""
     root = tmp_path_factory.mktemp("data")
     write_synthetic(root, "oxford_pets")
+    return root
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One toy-world root for the session (the demo's sizes); the datamodule writes any other toy domain on first use."""
+    root = tmp_path_factory.mktemp("toy")
+    write_toy(root, "toy_dusk")
     return root
 
 

@@ -73,14 +73,14 @@ def test_config_runs_through_the_cli(config: Path, tmp_path: Path):
 
 def test_unknown_config_key_is_named(tmp_path: Path, capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--data.no_such_key", "1"])
+        main(["fit", "--config", str(REPO / "configs" / "synthetic_probe.yaml"), "--data.no_such_key", "1"])
     assert "no_such_key" in capsys.readouterr().err
 
 
 def test_unknown_dataset_lists_the_valid_names(tmp_path: Path):
     with pytest.raises(SystemExit, match="oxford_pets"):
         main(
-            ["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--data.dataset", "petz"]
+            ["fit", "--config", str(REPO / "configs" / "synthetic_probe.yaml"), "--data.dataset", "petz"]
             + ["--data.root", str(tmp_path), "--trainer.default_root_dir", str(tmp_path)]
         )
 
@@ -92,7 +92,7 @@ def test_missing_split_file_names_it(tmp_path: Path):
             [
                 "fit",
                 "--config",
-                str(REPO / "configs" / "demo.yaml"),
+                str(REPO / "configs" / "synthetic_probe.yaml"),
                 "--data.dataset",
                 "dtd",
                 "--data.root",
@@ -150,7 +150,7 @@ def test_export_of_a_missing_or_foreign_file_is_one_line(tmp_path: Path):
 
 def test_ckpt_path_of_random_bytes_or_a_missing_file_is_one_line(tmp_path: Path):
     (tmp_path / "random.ckpt").write_bytes(bytes(range(256)) * 4)
-    demo = ["--config", str(REPO / "configs" / "demo.yaml"), "--trainer.default_root_dir", str(tmp_path)]
+    demo = ["--config", str(REPO / "configs" / "synthetic_probe.yaml"), "--trainer.default_root_dir", str(tmp_path)]
     for command in ("fit", "test"):
         message = one_line_error([command, *demo, "--ckpt_path", str(tmp_path / "random.ckpt")])
         assert "random.ckpt is not a PyTorch checkpoint" in message
@@ -163,7 +163,7 @@ def test_default_root_dir_that_is_a_file_is_one_line(data_root: Path, tmp_path: 
     (tmp_path / "runs").write_text("not a folder")
     for root in ("runs", "runs/sub"):
         message = one_line_error(
-            ["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--data.root", str(data_root)]
+            ["fit", "--config", str(REPO / "configs" / "synthetic_probe.yaml"), "--data.root", str(data_root)]
             + ["--data.dataset", "oxford_pets", "--trainer.default_root_dir", str(tmp_path / root)]
         )
         assert f"{tmp_path / 'runs'} is a file" in message

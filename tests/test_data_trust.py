@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 NAMES = synthetic_classnames(6)  # raw names of the synthetic classes (prompts turn "_" into " ")
 
 
-def cli(command: str, tmp_path: Path, *flags: str, config: str = "demo.yaml") -> list[str]:
+def cli(command: str, tmp_path: Path, *flags: str, config: str = "synthetic_probe.yaml") -> list[str]:
     """The arguments of `clipadapt <command>` with a config + the tiny overlay on the synthetic root under tmp_path."""
     return (
         [command, "--config", str(REPO / "configs" / config), "--config", str(REPO / "configs" / "tiny.yaml")]

@@ -255,7 +255,7 @@ def test_fit_on_bad_own_data_ends_in_one_line(items: list[Datum], tmp_path: Path
     (root / "empty_class").mkdir()
     with pytest.raises(SystemExit, match=r"clipadapt: error: 1 empty class folder\(s\) in .*: empty_class") as err:
         main(
-            ["fit", "--config", str(REPO / "configs" / "demo.yaml"), "--data.dataset", "imagefolder"]
+            ["fit", "--config", str(REPO / "configs" / "synthetic_probe.yaml"), "--data.dataset", "imagefolder"]
             + ["--data.root", str(root), "--trainer.default_root_dir", str(tmp_path)]
         )
     assert "\n" not in str(err.value.code)

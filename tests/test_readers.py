@@ -34,8 +34,9 @@ def root(tmp_path_factory) -> Path:
     return path
 
 
-def test_table_has_the_15_datasets_and_synthetic() -> None:
-    assert len(DATASETS) == 16 and "synthetic" in DATASETS
+def test_table_has_the_15_datasets_synthetic_and_the_toy_domains() -> None:
+    assert len(DATASETS) == 21 and "synthetic" in DATASETS
+    assert {"toy", "toy_dusk", "toy_blur", "toy_palette", "toy_habitat"} <= set(DATASETS)
     assert set(DATASET_TEMPLATES) == set(DATASETS)
     assert {info.coop_name for info in DATASETS.values()} >= {"ImageNet", "DescribableTextures", "SUN397", "ImageNetR"}
 

@@ -53,6 +53,8 @@ from clipadapt.data.readers import Datum, class_names, dataset_dir, read_splits,
 from clipadapt.data.synthetic import write_synthetic
 from clipadapt.data.templates import templates_for
 from clipadapt.errors import ClipAdaptError
+from clipadapt.toy.world import DOMAINS as TOY_DOMAINS
+from clipadapt.toy.world import write_toy
 
 __all__ = [
     "CLIP_MEAN",
@@ -215,7 +217,8 @@ class CLIPDataModule(L.LightningDataModule):
         """
         Args:
             root: folder that holds the dataset folders (CoOp's $DATA).
-            dataset: snake-case or CoOp name (`oxford_pets`, `OxfordPets`, ...); `synthetic` is written if missing.
+            dataset: snake-case or CoOp name (`oxford_pets`, `OxfordPets`, ...); `synthetic` and the toy
+                world's domains (`toy`, `toy_dusk`, ...) are written if missing.
             num_shots: images per class drawn for train (val gets min(k, 4)); <= 0 uses the full splits.
             seed: seed of the few-shot draw (Dassl-exact; the protocol uses 1, 2, 3).
             subsample: training classes: all | base | novel (first / second half of the sorted labels).
@@ -332,6 +335,9 @@ class CLIPDataModule(L.LightningDataModule):
         if self.dataset == "synthetic" and not dataset_dir(self.root, self.dataset).exists():
             path = write_synthetic(self.root, self.dataset)
             log.info("wrote the synthetic demo dataset to %s", path)
+        for name in {self.dataset, *self.eval_set_names} & set(TOY_DOMAINS):
+            if not dataset_dir(self.root, name).exists():
+                log.info("wrote the toy domain %s to %s", name, write_toy(self.root, name))
 
     def _load(self) -> dict:
         if self._data is not None:

@@ -95,6 +95,12 @@ DATASETS: dict[str, DatasetInfo] = {
         _folders("imagenet_a", "ImageNetA", "imagenet-adversarial", "imagenet-a", "folders"),
         _folders("imagenet_r", "ImageNetR", "imagenet-rendition", "imagenet-r", "folders"),
         _json("synthetic", "Synthetic", "synthetic", "images"),  # written by clipadapt.data.synthetic (tests, demo)
+        # The toy world (clipadapt.toy.world), written on first use: the pretraining domain and four shifts.
+        _json("toy", "Toy", "toy", "images"),
+        _json("toy_dusk", "ToyDusk", "toy_dusk", "images"),
+        _json("toy_blur", "ToyBlur", "toy_blur", "images"),
+        _json("toy_palette", "ToyPalette", "toy_palette", "images"),
+        _json("toy_habitat", "ToyHabitat", "toy_habitat", "images"),
     )
 }
 # The user's own data (clipadapt.data.own): the root is the dataset itself, so no folder under it.

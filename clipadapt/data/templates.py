@@ -34,6 +34,11 @@ DATASET_TEMPLATES: dict[str, str] = {
     "imagenet_a": "a photo of a {}.",
     "imagenet_r": "a photo of a {}.",
     "synthetic": "a photo of a {}.",
+    "toy": "a photo of a {}.",
+    "toy_dusk": "a photo of a {}.",
+    "toy_blur": "a photo of a {}.",
+    "toy_palette": "a photo of a {}.",
+    "toy_habitat": "a photo of a {}.",
 }
 
 # The 80 templates of CLIP's ImageNet prompt engineering (CoOp's IMAGENET_TEMPLATES), in CLIP's order.

@@ -23,7 +23,8 @@ open_clip_torch==3.3.0 and reads these private seams of the native `CLIP` / `Vis
 with `open_clip.transformer._expand_token`), `open_clip.transformer.text_global_pool` (text), the
 `attn_mask` buffer, `text_pool_type` / `text_eos_id`, and each tower's `transformer.resblocks`
 (batch-first blocks called as `block(x, attn_mask=...)`). Pretrained weights are resolved through
-`open_clip.get_pretrained_cfg` / `download_pretrained` and huggingface_hub's cache.
+`open_clip.get_pretrained_cfg` / `download_pretrained` and huggingface_hub's cache; the tags of
+`BUNDLED_TAGS` (`clipadapt-toy` / `toy`, the toy CLIP of `clipadapt.toy`) are files in the package.
 
 Prompts enter through three seams, each off by default (then the unchanged path below runs):
 - `prompts=` (K/V, Adapt; an object with `kv_tokens(tower, layer)`, e.g.
@@ -709,9 +710,25 @@ def _check_family(cfg: dict[str, Any], arch: str, named: bool = True) -> None:
             ) from None
 
 
+# Weights shipped inside the package (no download): (arch, tag) -> file next to this module.
+BUNDLED_TAGS = {("clipadapt-toy", "toy"): Path(__file__).parent / "pretrained" / "clipadapt-toy.safetensors"}
+
+
+def _tag_cfg(arch: str, pretrained: str) -> dict[str, Any]:
+    """open_clip's pretrained config of a tag, or a bundled tag's file; {} when `pretrained` is no tag of `arch`."""
+    bundled = BUNDLED_TAGS.get((arch, pretrained))
+    if bundled is not None:
+        if not bundled.is_file():
+            raise ClipAdaptError(
+                f"the bundled weights {bundled} of {arch!r} / {pretrained!r} are missing: reinstall clipadapt"
+            )
+        return {"file": str(bundled)}
+    return open_clip.get_pretrained_cfg(arch, pretrained)
+
+
 def _pretrained_kwargs(arch: str, pretrained: str, model_cfg: dict[str, Any], cache_dir: str | None) -> dict[str, Any]:
-    """open_clip.create_model arguments that load `pretrained` (a tag or a file) from local disk."""
-    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    """open_clip.create_model arguments that load `pretrained` (a tag, a bundled tag or a file) from local disk."""
+    tag_cfg = _tag_cfg(arch, pretrained)
     if tag_cfg:
         path, torchscript = _resolve_tag(arch, pretrained, tag_cfg, cache_dir)
         quick_gelu = tag_cfg.get("quick_gelu", False)
@@ -719,7 +736,7 @@ def _pretrained_kwargs(arch: str, pretrained: str, model_cfg: dict[str, Any], ca
         preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
     else:
         if not _looks_like_path(pretrained):
-            tags = open_clip.list_pretrained_tags_by_model(arch)
+            tags = open_clip.list_pretrained_tags_by_model(arch) + [t for a, t in BUNDLED_TAGS if a == arch]
             raise ValueError(
                 f"Unknown pretrained tag {pretrained!r} for {arch!r}. Known tags: {tags or 'none'}; "
                 "or pass a local checkpoint file path, or null for random init."
