@@ -1,4 +1,4 @@
-.PHONY: help install lint format test test-all demo toy-check bench
+.PHONY: help install lint format test test-slow test-all demo toy-check bench
 
 help:      ## list targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | awk 'BEGIN{FS=":.*## "}{printf "  %-9s %s\n",$$1,$$2}'
@@ -14,8 +14,11 @@ format:    ## fix what ruff can fix
 	ruff check --fix clipadapt tests benchmarks
 	ruff format clipadapt tests benchmarks
 
-test:      ## the suite CI runs: CPU, tiny model, synthetic data, < 10 min on 2 cores
-	python -m pytest -m "not gpu and not pretrained"
+test:      ## the fast suite: CPU, tiny models, synthetic data, < 10 min on a loaded 2-core machine
+	python -m pytest -m "not slow and not gpu and not pretrained"
+
+test-slow: ## what make test leaves out: multi-process DDP / torchrun / sweep runs and the notebooks (CI runs it)
+	python -m pytest -m "slow and not gpu and not pretrained"
 
 test-all:  ## everything this machine can run (pretrained tests need CLIPADAPT_PRETRAINED_FILE)
 	python -m pytest

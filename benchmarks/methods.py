@@ -2,6 +2,7 @@
 
     python benchmarks/methods.py --method ast                   # ViT-B-16, random init, cuda if present
     python benchmarks/methods.py --method ast --batch-size 32 --eval-batch-size 256 --iters 20
+    python benchmarks/methods.py --method tpt --arch clipadapt-tiny --classes 37
 
 Random weights are enough (`pretrained=None`): the cost does not depend on the values. Each method
 adds one function to `BENCHMARKS` (name -> fn(args, device)); they share the flags below. CPU
@@ -21,7 +22,9 @@ import torch.nn.functional as F
 from clipadapt.methods.adapt import Adapt
 from clipadapt.methods.cite import CLIPCITE
 from clipadapt.methods.clip_ast import CLIPAST
+from clipadapt.methods.prompting.tpt import TPT
 from clipadapt.methods.rada import RAda
+from clipadapt.testtime import augmented_views
 
 
 def seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
@@ -251,11 +254,55 @@ def bench_adapt(args: argparse.Namespace, device: torch.device) -> None:
         print(f"eval image {name:8}: {args.eval_batch_size / statistics.median(times):9.1f} images/s")
 
 
+def bench_tpt(args: argparse.Namespace, device: torch.device) -> None:
+    """TPT: view drawing (crop, AugMix) + encoding, and the per-image tuning with the first step's text forward shared."""
+    classnames = [f"class {i}" for i in range(args.classes)]
+    model = TPT(classnames, ["a photo of a {}."], arch=args.arch, pretrained=None).to(device).eval()
+    views, size = model.hparams.views, model.clip.image_size
+    samples = min(args.eval_batch_size, 16)  # each image is tuned alone: the batch only shares one text forward
+    tests = torch.randn(samples, 3, size, size, device=device)
+    print(f"C = {args.classes} classes, {views} views, {samples} test images per batch, 1 AdamW step")
+    for augment in ("crop", "augmix"):
+
+        def encode(augment: str = augment) -> None:  # the views of one image through the frozen image tower
+            with torch.no_grad(), autocast(args, device):
+                model.clip.encode_image(augmented_views(tests[:1], views, 0, augment)[0])
+
+        seconds(encode, 1, device)
+        encode_s = statistics.median(seconds(encode, max(1, args.iters // 2), device))
+        print(f"views {augment:6} + encode: {encode_s * 1e3:9.1f} ms per test image")
+    features = F.normalize(torch.randn(samples, views, model.clip.embed_dim, device=device), dim=-1)  # (N, V, D)
+    rates = {}
+    for name, batch in (("shared", samples), ("alone", 1)):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def tune(batch: int = batch) -> None:
+            with autocast(args, device):
+                for chunk in features.split(batch):
+                    model.tune(chunk, classnames)
+
+        seconds(tune, 1, device)
+        rates[name] = samples / statistics.median(seconds(tune, args.iters, device))
+        print(f"tune, first text forward {name:6}: {rates[name]:9.1f} images/s;  peak memory {peak_memory(device)}")
+    print(f"shared / alone   : {rates['shared'] / rates['alone']:.2f}x (the tuning only; both are exact)")
+
+    def predict() -> None:
+        with torch.no_grad(), autocast(args, device):
+            model.class_logits(tests, classnames, [])
+
+    seconds(predict, 1, device)
+    print(
+        f"end-to-end       : {samples / statistics.median(seconds(predict, max(1, args.iters // 2), device)):9.2f} images/s"
+    )
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace, torch.device], None]] = {
     "adapt": bench_adapt,
     "ast": bench_ast,
     "cite": bench_cite,
     "rada": bench_rada,
+    "tpt": bench_tpt,
 }
 
 

@@ -193,6 +193,7 @@ def test_frozen_backbone_and_export_reproduces_the_masked_logits(tiny_data, cpu_
         assert torch.equal(model(images), model.clip.logit_scale.exp() * model.clip.encode_image(images) @ text.T)
 
 
+@pytest.mark.slow  # two processes: make test-slow
 def test_two_process_ddp_prunes_identically_on_both_ranks(tmp_path):
     write_synthetic(tmp_path / "data", "oxford_pets")
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)])}

@@ -197,6 +197,7 @@ def test_tip_adapter_f_moves_the_keys_and_lowers_the_loss(tiny_data, cpu_trainer
     assert epoch_loss(model, tiny_data, train_mode=True) < loss  # train mode: the initial α, β
 
 
+@pytest.mark.slow  # two processes: make test-slow
 def test_ddp_ranks_share_rank_zeros_cache_and_choice(tmp_path):
     write_synthetic(tmp_path / "data", "oxford_pets")
     here = Path(__file__).resolve().parent

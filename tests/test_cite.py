@@ -249,6 +249,7 @@ def one_step(trainer: L.Trainer, record: StepRecord) -> None:
     trainer.fit(model, loader)
 
 
+@pytest.mark.slow  # two processes: make test-slow
 def test_two_processes_with_half_batches_give_the_one_process_gradients(tmp_path: Path):
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
     run = subprocess.run(

@@ -41,9 +41,9 @@ def test_config_runs_through_the_cli(config: Path, tmp_path: Path):
     spec = yaml.safe_load(config.read_text())
     for name in needed_datasets(spec):
         write_synthetic(tmp_path / "data", resolve_dataset(name))
-    # zero-shot CLIP, training-free Tip-Adapter and test-time training have nothing to fit: `clipadapt test`
+    # zero-shot CLIP, training-free Tip-Adapter, TPT and test-time training have nothing to fit: `clipadapt test`
     test_only = (
-        spec["model"]["class_path"].endswith(("ZeroShotCLIP", "TipAdapter"))
+        spec["model"]["class_path"].endswith(("ZeroShotCLIP", "TipAdapter", "TPT"))
         or spec["model"]["init_args"].get("setting") == "ttt"
     )
     main(

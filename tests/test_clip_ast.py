@@ -297,6 +297,7 @@ torch.save(model.clip.model.state_dict(), out / f"rank{rank}.pt")
 """
 
 
+@pytest.mark.slow  # two processes: make test-slow
 def test_ddp_ranks_hold_rank_zeros_selection(tmp_path: Path):
     write_synthetic(tmp_path / "data", "oxford_pets")
     script = tmp_path / "ast_ddp_fit.py"

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from clipadapt.data import write_synthetic
@@ -18,6 +19,7 @@ def clipadapt(*args: str, cwd: Path) -> None:
     subprocess.run([sys.executable, "-m", "clipadapt.cli", *args], cwd=cwd, check=True, capture_output=True)
 
 
+@pytest.mark.slow  # two processes: make test-slow
 def test_ddp_test_accuracy_equals_one_process(tmp_path: Path):
     # 5 classes x 5 test images = 25: an odd count, which a padding sampler would double-count.
     write_synthetic(tmp_path / "data", "oxford_pets", num_classes=5, test_per_class=5)
@@ -38,6 +40,7 @@ def test_ddp_test_accuracy_equals_one_process(tmp_path: Path):
     assert results[2] == results[1]
 
 
+@pytest.mark.slow  # two processes: make test-slow
 def test_ddp_stage_switch_keeps_ranks_in_sync(tmp_path: Path):
     write_synthetic(tmp_path / "data", "oxford_pets")
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)])}

@@ -301,6 +301,7 @@ def test_sweep_jobs_are_valid_slurm_scripts_for_unfinished_runs_only(sweep_dir: 
     assert not stale.exists()
 
 
+@pytest.mark.slow  # two processes: make test-slow
 def test_multi_device_sweep_runs_each_point_in_its_own_process(tmp_path: Path):
     # In one process the second DDP run would find the first one's ranks gone; each point gets its own.
     write_synthetic(tmp_path / "data", "oxford_pets")
@@ -340,6 +341,7 @@ def test_slurm_script_hands_the_allocation_to_lightning(tmp_path: Path):
     assert line.endswith("--trainer.num_nodes 2 --trainer.devices 4 --trainer.strategy ddp")
 
 
+@pytest.mark.slow  # two processes: make test-slow
 def test_torchrun_script_trains_with_two_processes(tmp_path: Path):
     write_synthetic(tmp_path / "data", "oxford_pets")
     env = os.environ | {"ACCELERATOR": "cpu", "PRECISION": "32-true", "NPROC": "2", "MASTER_PORT": str(free_port())}

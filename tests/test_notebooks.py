@@ -57,6 +57,7 @@ def test_notebook_is_stored_without_outputs(notebook: Path):
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.slow  # 15-30 s each, + 13 s for the runs fixture, on a loaded 2-core machine: make test-slow
 def test_notebook_executes(notebook: Path, runs: Path, monkeypatch: pytest.MonkeyPatch):
     module, evidence = NEEDS.get(notebook.stem, (None, None))
     if module is not None:

@@ -229,6 +229,7 @@ def test_export_holds_the_weights_and_the_prompts(tiny_data, cpu_trainer, tmp_pa
     assert all(torch.equal(prompts[k], v) for k, v in model.vl_prompts.state_dict().items())
 
 
+@pytest.mark.slow  # two processes: make test-slow
 def test_two_process_ddp_keeps_the_prompts_and_their_aggregate_in_sync(tmp_path: Path) -> None:
     write_synthetic(tmp_path / "data", "oxford_pets")
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}

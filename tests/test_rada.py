@@ -16,7 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from clipadapt.cli import main
 from clipadapt.data import CLIPDataModule, write_synthetic
 from clipadapt.methods import ZeroShotCLIP
-from clipadapt.methods.rada import RAda, random_resized_crop_box
+from clipadapt.methods.rada import RAda
+from clipadapt.testtime import random_resized_crop_box
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ from clipadapt.methods.base import AdaptationModule, Stage
 from clipadapt.methods.cite import CLIPCITE
 from clipadapt.methods.clip_ast import CLIPAST
 from clipadapt.methods.finetuning import FT, LPFT, CLIPLoRA, WiSEFT
-from clipadapt.methods.prompting import CoCoOp, CoOp, KgCoOp, MaPLe, PromptSRC
+from clipadapt.methods.prompting import TPT, CoCoOp, CoOp, KgCoOp, MaPLe, PromptSRC
 from clipadapt.methods.rada import RAda
 from clipadapt.methods.zeroshot import LinearProbe, ZeroShotCLIP
 
@@ -24,6 +24,7 @@ METHODS: dict[str, type[AdaptationModule]] = {
         KgCoOp,
         MaPLe,
         PromptSRC,
+        TPT,
         CLIPAdapter,
         TipAdapter,
         TipAdapterF,
@@ -52,6 +53,7 @@ __all__ = [
     "PromptSRC",
     "RAda",
     "Stage",
+    "TPT",
     "TipAdapter",
     "TipAdapterF",
     "WiSEFT",

@@ -128,7 +128,11 @@ class AdaptationModule(L.LightningModule):
 
     def trainable(self, stage: str) -> Iterable[nn.Parameter]:
         """Parameters that train in `stage`; everything else is frozen."""
-        raise NotImplementedError(f"{type(self).__name__} has nothing to train; use `clipadapt test`")
+        # `clipadapt fit` of such a method (zero-shot, training-free, test-time) ends in this one line.
+        raise ClipAdaptError(
+            f"{type(self).__name__} has nothing to train (it adapts at test time or not at all): "
+            "run `clipadapt test` with the same config instead of `clipadapt fit`"
+        )
 
     def training_losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """Named, already weighted loss terms; the base sums and logs them."""

@@ -22,7 +22,7 @@ logits = s · Σ_d M ⊙ R with M = ReLU(1 + f_φ(R, f̂, ŵ)) ≡ 1 at init, i.
   `ttt_mode: loop` is the literal one-sample-at-a-time version with torch.optim.AdamW (the reference).
 
 Deliberate deviations:
-- TTT views are drawn on device from the test-transformed image (resize + 224 center crop), not
+- TTT views (`clipadapt.testtime`, shared with TPT) are drawn on device from the test-transformed image (resize + 224 center crop), not
   from the raw file: RandomResizedCrop(scale (0.08, 1), ratio (3/4, 4/3)) + flip, bilinear, via
   roi_align (box edges sample the neighbouring pixels instead of clamping to the crop).
 - Each image's views are seeded from a hash of its pixels (+ `ttt_seed`), not a global RNG, so a
@@ -32,8 +32,6 @@ Deliberate deviations:
 - TTT loss is the entropy alone (spec); the mask regularizer is not added at test time.
 """
 
-import hashlib
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -44,13 +42,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.optim.adamw import adamw
-from torchvision.ops import roi_align
 
 from clipadapt import checkpoints
 from clipadapt.errors import ClipAdaptError
-from clipadapt.losses import MASK_REGULARIZERS, entropy, marginal_entropy, mask_regularizer
+from clipadapt.losses import MASK_REGULARIZERS, marginal_entropy, mask_regularizer
 from clipadapt.methods.base import AdaptationModule, Stage, run_seed
 from clipadapt.models.rational import QUERIES, RationalAdapter
+from clipadapt.testtime import confident_views, crop_views
 
 
 class RAda(AdaptationModule):
@@ -205,23 +203,7 @@ class RAda(AdaptationModule):
             return self._adapt_batched(features, text, initial)
 
     def _views(self, images: Tensor) -> Tensor:
-        size, count = images.shape[-1], self.hparams.ttt_views - 1
-        boxes, flips = [], []
-        for n, image in enumerate(images):
-            key = hashlib.blake2b(str(self.ttt_seed).encode(), digest_size=7)
-            key.update(image.detach().float().cpu().numpy().tobytes())
-            generator = torch.Generator().manual_seed(int.from_bytes(key.digest(), "little"))
-            for _ in range(count):
-                top, left, h, w = random_resized_crop_box(size, size, generator)
-                boxes.append([n, left, top, left + w, top + h])
-                flips.append(bool(torch.rand((), generator=generator) < 0.5))
-        if not boxes:
-            return images[:, None]
-        boxes_t = torch.tensor(boxes, dtype=images.dtype, device=images.device)  # (N·(V−1), 5)
-        crops = roi_align(images, boxes_t, size, sampling_ratio=1, aligned=True)  # (N·(V−1), 3, H, W)
-        flip = torch.tensor(flips, device=images.device)[:, None, None, None]
-        crops = torch.where(flip, crops.flip(-1), crops).unflatten(0, (len(images), count))
-        return torch.cat([images[:, None], crops], 1)  # (N, V, 3, H, W), view 0 = original
+        return crop_views(images, self.hparams.ttt_views, self.ttt_seed)  # (N, V, 3, H, W)
 
     def _adapt_one(self, features: Tensor, text: Tensor, initial: dict[str, Tensor]) -> Tensor:
         """TPT literally: reset, then `ttt_steps` AdamW steps on one sample's (V, D) views -> (C,)."""
@@ -273,25 +255,3 @@ class RAda(AdaptationModule):
                   lr=hp.ttt_lr, weight_decay=hp.ttt_weight_decay, eps=1e-8, maximize=False)  # fmt: skip
         with torch.no_grad():
             return vmap(predict)(params, features[:, 0])  # (N, C)
-
-
-def confident_views(logits: Tensor, share: float) -> Tensor:
-    """Indices of the ⌊share·V⌋ (at least 1) lowest-entropy views: (..., V, C) -> (..., k) (TPT)."""
-    keep = max(1, int(logits.shape[-2] * share))
-    return entropy(logits).argsort(dim=-1, stable=True)[..., :keep]
-
-
-def random_resized_crop_box(height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box (scale (0.08, 1), ratio (3/4, 4/3)) from `generator`: top, left, h, w."""
-    area = height * width
-    log_ratio = (math.log(3 / 4), math.log(4 / 3))
-    for _ in range(10):
-        target = area * (0.08 + 0.92 * torch.rand((), generator=generator).item())
-        ratio = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * torch.rand((), generator=generator).item())
-        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (), generator=generator))
-            left = int(torch.randint(0, width - w + 1, (), generator=generator))
-            return top, left, h, w
-    side = min(height, width)  # torchvision's fallback: a center crop
-    return (height - side) // 2, (width - side) // 2, side, side

@@ -1,4 +1,5 @@
-"""Prompt learners over a frozen CLIP: CoOp, CoCoOp, KgCoOp (text context), MaPLe, PromptSRC (deep V-L prompts).
+"""Prompt learners over a frozen CLIP: CoOp, CoCoOp, KgCoOp (text context), MaPLe, PromptSRC (deep V-L prompts),
+and TPT (a CoOp context tuned per test image).
 
 They enter the backbone through `clipadapt.models.context` (learned text context, deep prompts).
 """
@@ -8,5 +9,6 @@ from clipadapt.methods.prompting.coop import CoOp
 from clipadapt.methods.prompting.kgcoop import KgCoOp
 from clipadapt.methods.prompting.maple import MaPLe
 from clipadapt.methods.prompting.promptsrc import PromptSRC
+from clipadapt.methods.prompting.tpt import TPT
 
-__all__ = ["CoCoOp", "CoOp", "KgCoOp", "MaPLe", "PromptSRC"]
+__all__ = ["CoCoOp", "CoOp", "KgCoOp", "MaPLe", "PromptSRC", "TPT"]
