@@ -7,9 +7,14 @@ classes, 16 shots, seed 1, on a short schedule through the real data module and 
   zero-shot model's, measured on the same test images;
 - TPT does not lower zero-shot accuracy on the shifted set;
 - the known contrasts, measured on the pretraining domain `toy` (all 32 classes, forgetting): KgCoOp keeps more
-  of it than CoOp trained with the same settings; WiSE-FT (α = 0.5) more than FT (α = 1, the same fit).
+  of it than CoOp trained with the same settings; WiSE-FT (α = 0.5) more than FT (α = 1, the same fit); LP-FT
+  more than FT; PromptSRC more than its prompts without self-consistency and GPA (IVLP).
 
-The schedules are short (5-10 epochs of 8 steps) with learning rates raised to match; the papers' own
+Not tested, because it does not hold here: KgCoOp keeping more *novel* accuracy than CoOp. `toy_dusk` shifts every
+class alike, so what CoOp's context learns about dusk helps the novel classes as much as the base ones (novel,
+seeds 1 / 2 / 3: CoOp 68.2 / 67.2 / 64.2, KgCoOp 57.8 / 56.2 / 55.0); the pretraining domain is the contrast.
+
+The schedules are short (10 epochs of 8 steps at batch 32) with learning rates raised to match; the papers' own
 hyperparameters are the configs' and are not what is tested here. Margins were calibrated over seeds 1, 2, 3 with
 `python tests/calibrate_baselines.py` (the observed numbers are beside each assert, and in the note
 behavebase_results.md); each margin is about half the smallest observed gain, so a method that stops learning
@@ -49,7 +54,15 @@ from clipadapt.methods import (
 
 DOMAIN = "toy_dusk"  # zero-shot base accuracy ~48 % here, 94 % on the pretraining domain `toy`
 SEED = 1
-FORGETTING = {"ZeroShotCLIP", "CoOp", "KgCoOp", "WiSEFT"}  # runs also tested on `toy` (the others: base only)
+FORGETTING = {
+    "ZeroShotCLIP",
+    "CoOp",
+    "KgCoOp",
+    "PromptSRC",
+    "IVLP",
+    "WiSEFT",
+    "LPFT",
+}  # runs also tested on `toy` (the others: base only)
 
 
 def sgd(lr: float) -> Callable:
@@ -73,15 +86,18 @@ class Recipe:
 
 # One context recipe for CoOp and KgCoOp, so that their contrast is the regulariser alone.
 CONTEXT = dict(n_ctx=4, context_init="a photo of a", optimizer=sgd(0.05))
+DEEP = dict(text_depth=3, image_depth=3, optimizer=sgd(0.01))  # J = 3: every text block, 3 of 4 image blocks
+CONSISTENCY = ("image_consistency_weight", "text_consistency_weight", "logit_consistency_weight")  # λ1, λ2, λ3
 RECIPES: dict[str, Recipe] = {
     "ZeroShotCLIP": Recipe(ZeroShotCLIP, 0),
     "CoOp": Recipe(CoOp, 10, CONTEXT),
     "KgCoOp": Recipe(KgCoOp, 10, CONTEXT),  # λ = 8, the paper's
-    "CoCoOp": Recipe(CoCoOp, 5, dict(optimizer=sgd(0.05))),  # batch 32, not the paper's 1: B x C prompts per step
+    "CoCoOp": Recipe(CoCoOp, 10, dict(optimizer=sgd(0.05))),  # batch 32, not the paper's 1: B x C prompts per step
     "MaPLe": Recipe(MaPLe, 10, dict(prompt_depth=3, optimizer=sgd(0.05))),  # J = 3 of the toy's 3 text blocks
-    "PromptSRC": Recipe(
-        PromptSRC, 10, dict(text_depth=3, image_depth=3, gpa_mean=7.5, gpa_std=1.0, optimizer=sgd(0.05))
-    ),  # GPA's μ at 3/4 of the run, as the paper's 15 of 20 epochs
+    # Deep prompts diverge at CoOp's lr here (IVLP at 0.05 fell to 17 %): 0.01, ~ the paper's 0.0025 at batch 4 x 8.
+    "PromptSRC": Recipe(PromptSRC, 10, dict(DEEP, gpa_mean=7.5, gpa_std=1.0)),  # GPA's μ at 3/4, as 15 of 20 epochs
+    # PromptSRC without its knowledge-keeping parts (no self-consistency, no GPA): IVLP, the paper's baseline.
+    "IVLP": Recipe(PromptSRC, 10, dict(DEEP, gpa=False, **dict.fromkeys(CONSISTENCY, 0.0))),
     "CLIPAdapter": Recipe(CLIPAdapter, 10, dict(residual_ratio=0.2, optimizer=sgd(0.1))),
     "TipAdapter": Recipe(TipAdapter, 0),  # training-free: α, β searched on the validation split
     "TipAdapterF": Recipe(TipAdapterF, 10, dict(optimizer=adamw(1e-3))),
@@ -174,21 +190,21 @@ def accuracy(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Callab
     return get
 
 
-# Observed base accuracy on toy_dusk (%), seeds 1 / 2 / 3, zero-shot 48.2 (the test set is the same for all
-# seeds; the draw of the 16 shots and the training noise change):
+# Base accuracy on toy_dusk (%) observed at seeds 1 / 2 / 3, zero-shot 48.2 (the test images are the same for every
+# seed; the 16-shot draw and the training noise change). Each margin is about half the smallest observed gain.
 BASE_GAIN = {  # run: the least gain over zero-shot that the test asks for, in points
-    "CoOp": 8.0,  # 67.0 /  /
-    "KgCoOp": 4.0,  # 57.0 /  /
-    "CoCoOp": 4.0,  # /  /
-    "MaPLe": 8.0,  # 70.0 /  /
-    "PromptSRC": 8.0,  # 69.0 /  /
-    "CLIPAdapter": 8.0,  # 71.2 /  /
-    "TipAdapter": 5.0,  # 61.0 /  /
-    "TipAdapterF": 8.0,  # 71.2 /  /
-    "CLIPLoRA": 10.0,  # 81.2 /  /
-    "FT": 15.0,  # 92.5 /  /
-    "WiSEFT": 10.0,  # 79.0 /  /
-    "LPFT": 15.0,  # 92.8 /  /
+    "CoOp": 10.0,  # 67.0 / 69.0 / 68.2
+    "KgCoOp": 4.0,  # 57.0 / 56.8 / 58.2 (λ = 8 holds it near zero-shot CLIP: the point of KgCoOp)
+    "CoCoOp": 5.0,  # 59.5 / 63.0 / 65.2
+    "MaPLe": 10.0,  # 70.0 / 76.0 / 77.8
+    "PromptSRC": 10.0,  # 75.0 / 67.8 / 71.0
+    "CLIPAdapter": 10.0,  # 71.2 / 73.5 / 75.0
+    "TipAdapter": 5.0,  # 61.0 / 60.0 / 60.5
+    "TipAdapterF": 10.0,  # 71.2 / 72.5 / 72.0
+    "CLIPLoRA": 15.0,  # 81.2 / 80.8 / 81.5
+    "FT": 20.0,  # 92.5 / 94.0 / 94.0
+    "WiSEFT": 15.0,  # 79.0 / 79.8 / 78.8
+    "LPFT": 20.0,  # 92.8 / 93.0 / 93.0
 }
 
 
@@ -199,25 +215,40 @@ def test_base_accuracy_on_a_shifted_domain_rises_above_zero_shot(accuracy: Calla
 
 
 def test_kgcoop_keeps_more_pretraining_domain_accuracy_than_coop(accuracy: Callable):
-    # toy (32 classes, zero-shot 94.0), seeds 1 / 2 / 3: CoOp 85.8 /  / , KgCoOp 93.5 /  /
+    # toy (32 classes, zero-shot 94.0), seeds 1 / 2 / 3: CoOp 85.8 / 86.6 / 84.9, KgCoOp 93.5 / 93.9 / 94.5
     coop, kgcoop = accuracy("CoOp", "toy"), accuracy("KgCoOp", "toy")
-    assert kgcoop >= coop + 3.0, (coop, kgcoop)
+    assert kgcoop >= coop + 4.0, (coop, kgcoop)
 
 
 def test_wiseft_keeps_more_pretraining_domain_accuracy_than_ft(accuracy: Callable):
-    # toy (32 classes, zero-shot 94.0), seeds 1 / 2 / 3: FT 87.9 /  / , WiSE-FT 92.6 /  /
+    # toy (32 classes, zero-shot 94.0), seeds 1 / 2 / 3: FT 87.9 / 87.6 / 87.0, WiSE-FT 92.6 / 92.5 / 92.2
     ft, wise = accuracy("FT", "toy"), accuracy("WiSEFT", "toy")
-    assert wise >= ft + 2.0, (ft, wise)
+    assert wise >= ft + 2.5, (ft, wise)
+
+
+def test_lpft_keeps_more_pretraining_domain_accuracy_than_ft(accuracy: Callable):
+    # LP-FT's claim (a probed head distorts the features less): toy, seeds 1 / 2 / 3: FT 87.9 / 87.6 / 87.0,
+    # LP-FT 90.6 / 90.9 / 89.0
+    ft, lpft = accuracy("FT", "toy"), accuracy("LPFT", "toy")
+    assert lpft >= ft + 1.0, (ft, lpft)
+
+
+def test_promptsrc_keeps_more_pretraining_domain_accuracy_than_without_self_regulation(accuracy: Callable):
+    # The same deep prompts and lr without self-consistency and GPA (IVLP); toy, seeds 1 / 2 / 3:
+    # IVLP 76.1 / 73.5 / 70.8, PromptSRC 91.2 / 87.6 / 89.2
+    ivlp, promptsrc = accuracy("IVLP", "toy"), accuracy("PromptSRC", "toy")
+    assert promptsrc >= ivlp + 7.0, (ivlp, promptsrc)
 
 
 def test_tpt_does_not_lower_zero_shot_accuracy_on_a_shifted_set(toy_root: Path):
-    # 8 images per base class (128), seeds 1 / 2 / 3 (the views' seed): TPT - zero-shot = +1 /  /  images
+    # The paper's settings (64 views, ρ = 0.1, one AdamW step at 5e-3). 8 images per base class (128 of 400),
+    # seeds 1 / 2 / 3 (the views' seed): zero-shot 66 correct; TPT 66 / 67 / 66, so it neither lowers nor raises it.
     tuned, plain, images = tpt_and_zero_shot(toy_root, SEED, per_class=8)
     assert tuned >= plain - 1, (tuned, plain, images)
 
 
 @pytest.mark.slow  # ~30 s: TPT tunes 400 images one by one on 64 views each
 def test_tpt_does_not_lower_zero_shot_accuracy_on_the_whole_shifted_test_set(toy_root: Path):
-    # 400 images, seeds 1 / 2 / 3: TPT - zero-shot =  /  /  images
+    # 400 images, seeds 1 / 2 / 3: zero-shot 193 correct (48.2 %); TPT 193 / 194 / 195
     tuned, plain, images = tpt_and_zero_shot(toy_root, SEED, per_class=None)
     assert tuned >= plain - 2, (tuned, plain, images)
