@@ -103,6 +103,8 @@ def protocol_name(data: dict[str, Any]) -> str:
     sets = [str(s) for s in data.get("eval_sets") or []]
     if any(s in OOD_SETS for s in sets):
         return "ood"
+    if {"base", "novel"} <= set(sets):  # other test sets beside them are extra columns (e.g. the pretraining domain)
+        return "base2novel"
     own = dataset_name(str(data.get("dataset", "")))
     if any(s not in SUBSETS and dataset_name(s) != own for s in sets):
         return "crossdataset"
@@ -360,7 +362,8 @@ def comparison_tables(results: list[Result], methods: list[str] | None = None) -
     """Methods side by side, as the papers print them: rows = methods, columns = datasets + average.
 
     One table per (protocol, shots); base-to-novel gives three (Base, Novel, HM, the HM of a method's
-    seed-averaged B and N, its average from the averaged B and N). Cross-dataset and OOD columns are the
+    seed-averaged B and N, its average from the averaged B and N), and one more per other test set of its
+    runs (e.g. `toy`, the toy world's pretraining domain: what a method forgot). Cross-dataset and OOD columns are the
     source dataset, then the targets; their average is over the targets only. `methods` picks and orders
     the rows (default: all, sorted). A missing run is a gap, and so is an average over a gap.
     """
@@ -394,6 +397,12 @@ def comparison_tables(results: list[Result], methods: list[str] | None = None) -
                         average = _average(pairs, i)
                     rows.append((m, [*row, average]))
                 out.append(_compare(f"base-to-novel {column} (%), {_shots(k)}", datasets, rows))
+            for extra in _ordered(_test_sets(group) - set(SUBSETS)):  # e.g. the toy world's pretraining domain
+                rows = []
+                for m in names:
+                    row = [_acc(runs(m, d), f"test/{extra}/acc") for d in datasets]
+                    rows.append((m, [*row, _average([[c] for c in row], 0)]))
+                out.append(_compare(f"base-to-novel training, {extra} accuracy (%), {_shots(k)}", datasets, rows))
             continue
         if protocol in ("ood", "crossdataset"):
             sources = _ordered({r.dataset for r in group})

@@ -55,6 +55,19 @@ def test_base2novel_gives_base_novel_and_hm_tables() -> None:
     assert dict(hm["rows"])["maple"] == [70.0, None, None]
 
 
+def test_base2novel_with_another_test_set_gives_its_table_too() -> None:
+    """The toy world's pretraining domain beside base / novel: a fourth table (what each method forgot)."""
+    assert experiments.protocol_name({"dataset": "toy_dusk", "eval_sets": ["base", "novel", "toy"]}) == "base2novel"
+    results = [
+        run("coop", "base2novel", "toy_dusk", 1, base=80.0, novel=40.0, toy=90.0),
+        run("coop", "base2novel", "toy_dusk", 2, base=60.0, novel=80.0, toy=80.0),
+        run("kgcoop", "base2novel", "toy_dusk", 1, base=70.0, novel=70.0),  # no toy accuracy: a gap
+    ]
+    *_, toy = experiments.comparison_tables(results)
+    assert "toy accuracy" in toy["title"] and toy["columns"] == ["toy_dusk", "Average (1)"]
+    assert dict(toy["rows"]) == {"coop": [(85.0, 5.0), 85.0], "kgcoop": [None, None]}
+
+
 def test_cross_dataset_and_ood_average_the_targets_only() -> None:
     results = [
         run("cocoop", "crossdataset", "imagenet", 1, imagenet=70.0, caltech101=90.0, dtd=40.0),
