@@ -1,4 +1,4 @@
-"""Every notebook runs top to bottom on tiny-model runs of the methods it analyses, and ships without outputs."""
+"""Every notebook runs top to bottom on toy-world runs of the methods it analyses, and ships without outputs."""
 
 from pathlib import Path
 
@@ -7,11 +7,10 @@ import pytest
 from nbclient import NotebookClient
 
 from clipadapt import cli
-from clipadapt.data import write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
-TINY = str(REPO / "configs" / "tiny.yaml")
+TOY = str(REPO / "configs" / "toy.yaml")
 # The analysis each notebook needs: the method module it reads outputs of, and the file that proves a run is there.
 NEEDS = {
     "02-ast-selection": ("clipadapt.methods.clip_ast", "selection.json"),
@@ -21,29 +20,27 @@ NEEDS = {
 
 
 def sweep(runs: Path, tmp: Path, config: str, *args: str) -> None:
-    common = ["--out", str(runs), "--data.root", str(tmp / "data"), "--data.cache_dir", str(tmp / "cache")]
-    cli.sweep_main(["--config", str(REPO / "configs" / config), "--config", TINY, *common, *args])
+    """`clipadapt sweep` of `config` on the pretrained toy CLIP (configs/toy.yaml: toy_dusk, base-to-novel + toy)."""
+    common = ["--out", str(runs), "--data.root", str(tmp / "toy"), "--data.cache_dir", str(tmp / "cache")]
+    cli.sweep_main(
+        ["--config", str(REPO / "configs" / config), "--config", TOY, *common, "--trainer.max_epochs", "3", *args]
+    )
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One runs root: a linear-probe few-shot sweep and one tiny run of each analysed method."""
+    """Real toy-world runs (the pretrained toy CLIP adapting to toy_dusk), so the figures show learning:
+    a linear-probe few-shot curve, and one run of each analysed method."""
     tmp = tmp_path_factory.mktemp("notebooks")
     runs = tmp / "runs"
-    for name in ("oxford_pets", "dtd"):
-        write_synthetic(tmp / "data", name)
-    sweep(runs, tmp, "linear_probe_fewshot.yaml", "--datasets", "dtd", "--shots", "1", "2", "--seeds", "1")
-    sweep(runs, tmp, "ast_fewshot.yaml", "--datasets", "oxford_pets", "dtd", "--shots", "2", "--seeds", "1")
-    sweep(runs, tmp, "rada_base2novel.yaml", "--shots", "2", "--seeds", "1")
-    adapt = REPO / "configs" / "adapt_fewshot.yaml"
-    pruning = ["--model.init_args.max_length", "2", "--model.init_args.target_length", "4"]
+    fewshot = ["--data.subsample", "all", "--data.eval_sets", "[all]"]
+    sweep(runs, tmp, "linear_probe_fewshot.yaml", "--shots", "1", "4", "16", "--seeds", "1", *fewshot)
+    sweep(runs, tmp, "ast_base2novel.yaml", "--shots", "16", "--seeds", "1")
+    sweep(runs, tmp, "rada_base2novel.yaml", "--shots", "16", "--seeds", "1")
+    pruning = ["--model.init_args.max_length", "4", "--model.init_args.target_length", "8"]
     pruning += ["--model.init_args.prune_per_step", "1", "--model.init_args.accumulate_steps", "1"]
-    pruning += ["--model.init_args.prune_after_epochs", "0"]
-    if adapt.exists():
-        sweep(runs, tmp, adapt.name, "--shots", "2", "--seeds", "1", *pruning)
-    else:  # until the Adapt config lands: the same method through another config's data and trainer settings
-        swap = ["--model.class_path", "clipadapt.methods.adapt.Adapt", "--method", "adapt"]
-        sweep(runs, tmp, "linear_probe_fewshot.yaml", "--shots", "2", "--seeds", "1", *swap, *pruning)
+    pruning += ["--model.init_args.prune_after_epochs", "1"]
+    sweep(runs, tmp, "adapt_fewshot.yaml", "--shots", "16", "--seeds", "1", *pruning)
     return runs
 
 
