@@ -54,7 +54,7 @@ def accuracies(trainer: L.Trainer, model: L.LightningModule, data: CLIPDataModul
     return accs
 
 
-def fit_toy(
+def fit_model(
     method: type[AdaptationModule],
     root: Path | str,
     domain: str = "toy_dusk",
@@ -64,22 +64,28 @@ def fit_toy(
     data: dict[str, Any] | None = None,
     trainer: dict[str, Any] | None = None,
     **model_args: Any,
-) -> dict[str, float]:
-    """Fit `method` (AdamW at `lr`, `epochs` epochs) on the toy `domain` from the toy CLIP; its test accuracies."""
+) -> tuple[L.Trainer, AdaptationModule, CLIPDataModule]:
+    """Fit `method` (AdamW at `lr`, `epochs` epochs; `epochs=0`: no fit) on the toy `domain` from the toy CLIP."""
     L.seed_everything(seed, verbose=False)
     datamodule = toy_data(root, domain, seed, **(data or {}))
     kwargs = TOY | {"optimizer": lambda params: torch.optim.AdamW(params, lr=lr)} | model_args
     model = method(classnames=datamodule.classnames, templates=datamodule.templates, **kwargs)
     run = L.Trainer(**(quiet(root) | dict(max_epochs=epochs) | (trainer or {})))
-    run.fit(model, datamodule)
-    return accuracies(run, model, datamodule)
+    if epochs:
+        run.fit(model, datamodule)
+    return run, model, datamodule
+
+
+def fit_toy(
+    method: type[AdaptationModule], root: Path | str, domain: str = "toy_dusk", **kwargs: Any
+) -> dict[str, float]:
+    """`fit_model`, then the test accuracies of the fitted model (`epochs=0`: of the model as built)."""
+    return accuracies(*fit_model(method, root, domain, **kwargs))
 
 
 @functools.cache
 def _zero_shot(root: str, domain: str, prompts: str) -> tuple[tuple[str, float], ...]:
-    datamodule = toy_data(root, domain)
-    model = ZeroShotCLIP(classnames=datamodule.classnames, templates=datamodule.templates, prompts=prompts, **TOY)
-    return tuple(accuracies(L.Trainer(**quiet(root)), model, datamodule).items())
+    return tuple(fit_toy(ZeroShotCLIP, root, domain, epochs=0, prompts=prompts).items())
 
 
 def zero_shot(root: Path | str, domain: str = "toy_dusk", prompts: str = "simple") -> dict[str, float]:
