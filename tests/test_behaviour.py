@@ -123,15 +123,15 @@ def gain(accs: dict[str, float], root: Path) -> float:
 
 
 def test_linear_probe_base_rises_above_zero_shot(toy_root: Path):
-    assert gain(linear_probe(str(toy_root), SEED), toy_root) >= 15  # +29.2 / +25.2 / +24.8
+    assert gain(linear_probe(str(toy_root), SEED), toy_root) >= 15  # +29.2 / +30.2 / +32.2
 
 
 def test_clip_ast_base_rises_above_zero_shot(toy_root: Path):
-    assert gain(clip_ast(str(toy_root), SEED), toy_root) >= 25  # +41.8 / ... / ...
+    assert gain(clip_ast(str(toy_root), SEED), toy_root) >= 25  # +41.8 / +41.5 / +38.0
 
 
 def test_adapt_base_rises_above_zero_shot_when_pruned(toy_root: Path):
-    assert gain(adapt(str(toy_root), SEED, 28), toy_root) >= 12  # +24.0 / ... / ...
+    assert gain(adapt(str(toy_root), SEED, 28), toy_root) >= 12  # +24.0 / +21.8 / +21.2
 
 
 def test_rada_eft_base_rises_above_zero_shot(toy_root: Path):
@@ -139,11 +139,11 @@ def test_rada_eft_base_rises_above_zero_shot(toy_root: Path):
 
 
 def test_rada_fft_base_rises_above_zero_shot(toy_root: Path):
-    assert gain(rada_fft(str(toy_root), SEED), toy_root) >= 20  # +35.0 / ... / ...
+    assert gain(rada_fft(str(toy_root), SEED), toy_root) >= 20  # +35.0 / +36.2 / +34.5
 
 
 def test_clip_cite_base_rises_above_zero_shot(toy_root: Path):
-    assert gain(clip_cite(str(toy_root), SEED)["alpha=0.5"], toy_root) >= 15  # +31.2 / ... / ...
+    assert gain(clip_cite(str(toy_root), SEED)["alpha=0.5"], toy_root) >= 15  # +31.2 / +32.0 / +32.5
 
 
 # ---- knowledge-preserving parts reduce forgetting on the pretraining domain `toy` ----
@@ -151,12 +151,14 @@ def test_clip_cite_base_rises_above_zero_shot(toy_root: Path):
 
 def test_clip_ast_consistency_terms_reduce_forgetting(toy_root: Path):
     kept = clip_ast(str(toy_root), SEED)["toy"] - clip_ast(str(toy_root), SEED, consistency=False)["toy"]
-    assert kept >= 1.0  # 84.4 - 80.9 = +3.5 / ... / ...
+    assert kept >= 1.5  # 84.4 - 80.9 = +3.5 / 88.5 - 80.8 = +7.8 / 90.0 - 84.2 = +5.8
 
 
 def test_clip_cite_ensemble_reduces_forgetting(toy_root: Path):
     runs = clip_cite(str(toy_root), SEED)
-    assert runs["alpha=0.5"]["toy"] - runs["alpha=1"]["toy"] >= 4.0  # 91.5 - 79.9 = +11.6 / ... / ...
+    assert (
+        runs["alpha=0.5"]["toy"] - runs["alpha=1"]["toy"] >= 2.0
+    )  # 91.5 - 79.9 = +11.6 / 92.0 - 87.0 = +5.0 / 91.6 - 82.4 = +9.2
 
 
 def test_rada_mask_regulariser_reduces_forgetting(toy_root: Path):
@@ -169,12 +171,14 @@ def test_rada_mask_regulariser_reduces_forgetting(toy_root: Path):
 
 def test_adapt_pruned_to_target_keeps_most_of_the_unpruned_accuracy(toy_root: Path):
     pruned, unpruned = adapt(str(toy_root), SEED, 28)["base"], adapt(str(toy_root), SEED, 111)["base"]
-    assert pruned >= 0.9 * unpruned  # 28 of 112 tokens: 72.2 vs 74.8 (96.5%) / ... / ...
+    assert (
+        pruned >= 0.85 * unpruned
+    )  # 28 of 112 tokens: 72.2 vs 74.8 (96.7%) / 70.0 vs 73.5 (95.2%) / 69.5 vs 71.5 (97.2%)
 
 
 def test_rada_ttt_does_not_lower_zero_shot_accuracy(toy_root: Path):
     ttt, before = rada_ttt(str(toy_root), SEED)["novel"], zero_shot(toy_root)["novel"]
-    assert ttt >= before - 1.0  # 48.5 vs 48.0 / ... / ...
+    assert ttt >= before - 1.0  # 48.5 / 48.2 / 48.2 vs 48.0; the tolerance is 4 of 400 images
 
 
 # ---- precision and processes do not change what is learned ----
@@ -182,13 +186,16 @@ def test_rada_ttt_does_not_lower_zero_shot_accuracy(toy_root: Path):
 
 def test_bf16_mixed_reaches_the_fp32_accuracy(toy_root: Path):
     bf16, fp32 = linear_probe(str(toy_root), SEED, "bf16-mixed"), linear_probe(str(toy_root), SEED)
-    assert abs(bf16["base"] - fp32["base"]) <= 3.0  # ... / ... / ...
+    assert abs(bf16["base"] - fp32["base"]) <= 1.5  # 77.2 vs 77.5 / 78.2 vs 78.5 / 80.2 vs 80.5
+    assert abs(bf16["toy"] - fp32["toy"]) <= 1.5  # 93.6 vs 94.0, every seed
 
 
 @pytest.mark.slow  # two processes: make test-slow
 def test_ddp_two_processes_reach_the_single_process_accuracy(toy_root: Path):
     ddp, single = linear_probe_ddp(str(toy_root), SEED), linear_probe(str(toy_root), SEED)
-    assert abs(ddp["base"] - single["base"]) <= 3.0  # ... / ... / ...
+    # Not the same run: DistributedSampler shuffles in another order, so DDP is another draw of the batch
+    # noise, whose seed-to-seed spread on one process is 3 points (77.5 / 78.5 / 80.5).
+    assert abs(ddp["base"] - single["base"]) <= 5.0  # 76.2 vs 77.5 / 77.5 vs 78.5 / 77.2 vs 80.5
 
 
 # ---- calibration: python tests/test_behaviour.py [ROOT] prints every measurement for seeds 1, 2, 3 ----
