@@ -68,7 +68,7 @@ def fit_model(
     """Fit `method` (AdamW at `lr`, `epochs` epochs; `epochs=0`: no fit) on the toy `domain` from the toy CLIP."""
     L.seed_everything(seed, verbose=False)
     datamodule = toy_data(root, domain, seed, **(data or {}))
-    kwargs = TOY | {"optimizer": lambda params: torch.optim.AdamW(params, lr=lr)} | model_args
+    kwargs = TOY | {"optimizer": functools.partial(torch.optim.AdamW, lr=lr)} | model_args
     model = method(classnames=datamodule.classnames, templates=datamodule.templates, **kwargs)
     run = L.Trainer(**(quiet(root) | dict(max_epochs=epochs) | (trainer or {})))
     if epochs:

@@ -69,9 +69,12 @@ def adapt(root: str, seed: int, target_length: int) -> dict[str, float]:
 
 
 @functools.cache
-def rada_eft(root: str, seed: int, mask_reg_weight: float = 1.5) -> dict[str, float]:
-    """The rational mask network alone (encoders frozen), lr 3e-2; λ = 1.5 (App. E) or 0."""
-    return fit_toy(RAda, root, seed=seed, lr=3e-2, mask_reg_weight=mask_reg_weight)
+def rada_eft(
+    root: str, seed: int, mask_reg_weight: float = 1.5, lr: float = 3e-2, batch_size: int = 32
+) -> dict[str, float]:
+    """The rational mask network alone (encoders frozen), lr 3e-2 at batch 32 by default; λ = 1.5 (App. E) or 0."""
+    data = dict(batch_size=batch_size)
+    return fit_toy(RAda, root, seed=seed, lr=lr, mask_reg_weight=mask_reg_weight, data=data)
 
 
 @functools.cache
@@ -162,8 +165,21 @@ def test_clip_cite_ensemble_reduces_forgetting(toy_root: Path):
 
 
 def test_rada_mask_regulariser_reduces_forgetting(toy_root: Path):
+    # lr 3e-2 moves the mask far enough for forgetting to be measurable: without L_reg `toy` loses 4-7 points.
+    # At the paper's scale (lr 9e-4, batch 4) nothing much is forgotten either way: 93.9 / 94.1 / 94.0 with
+    # L_reg vs 93.5 / 93.6 / 93.4 without (+0.4 to +0.6, 3 to 5 images: too few for a test).
     kept = rada_eft(str(toy_root), SEED)["toy"] - rada_eft(str(toy_root), SEED, mask_reg_weight=0.0)["toy"]
     assert kept >= 1.5  # 94.25 - 87.0 = +7.2 / 92.9 - 89.2 = +3.6 / 93.0 - 89.6 = +3.4
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: at lr 1e-2, batch 8 the mask regulariser does not keep the pretraining domain on the toy world "
+    "(seed 1: toy 82.2 with L_reg vs 91.8 without; seed 2: 90.8 vs 92.1; seed 3: 93.5 vs 92.4)",
+)
+def test_rada_mask_regulariser_reduces_forgetting_at_lr_1e_2_batch_8(toy_root: Path):
+    with_reg = rada_eft(str(toy_root), SEED, lr=1e-2, batch_size=8)["toy"]
+    assert with_reg - rada_eft(str(toy_root), SEED, 0.0, lr=1e-2, batch_size=8)["toy"] >= 0.0
 
 
 # ---- pruning keeps accuracy; test-time adaptation does no harm ----
