@@ -35,9 +35,9 @@ NO_CONSISTENCY = dict(image_consistency_weight=0.0, text_consistency_weight=0.0,
 
 
 @functools.cache
-def linear_probe(root: str, seed: int, precision: str = "32-true") -> dict[str, float]:
+def linear_probe(root: str, seed: int) -> dict[str, float]:
     """The cosine head alone, lr 1e-2 (the image and text towers stay frozen)."""
-    return fit_toy(LinearProbe, root, seed=seed, lr=1e-2, trainer=dict(precision=precision))
+    return fit_toy(LinearProbe, root, seed=seed, lr=1e-2)
 
 
 def linear_probe_ddp(root: str, seed: int) -> dict[str, float]:
@@ -52,9 +52,10 @@ def linear_probe_ddp(root: str, seed: int) -> dict[str, float]:
 
 
 @functools.cache
-def clip_ast(root: str, seed: int, consistency: bool = True) -> dict[str, float]:
+def clip_ast(root: str, seed: int, consistency: bool = True, precision: str = "32-true") -> dict[str, float]:
     """1 probe epoch + 5 selective epochs of top-6 tensors per block; with λ1..3 = 10, 25, 1 or all 0."""
-    return fit_toy(CLIPAST, root, seed=seed, lr=5e-4, probe_lr=1e-3, **({} if consistency else NO_CONSISTENCY))
+    terms = {} if consistency else NO_CONSISTENCY
+    return fit_toy(CLIPAST, root, seed=seed, lr=5e-4, probe_lr=1e-3, trainer=dict(precision=precision), **terms)
 
 
 @functools.cache
@@ -201,9 +202,10 @@ def test_rada_ttt_does_not_lower_zero_shot_accuracy(toy_root: Path):
 
 
 def test_bf16_mixed_reaches_the_fp32_accuracy(toy_root: Path):
-    bf16, fp32 = linear_probe(str(toy_root), SEED, "bf16-mixed"), linear_probe(str(toy_root), SEED)
-    assert abs(bf16["base"] - fp32["base"]) <= 1.5  # 77.2 vs 77.5 / 78.2 vs 78.5 / 80.2 vs 80.5
-    assert abs(bf16["toy"] - fp32["toy"]) <= 1.5  # 93.6 vs 94.0, every seed
+    # CLIP-AST: its selection is read from AdamW's moments, which bf16 gradients could change.
+    bf16, fp32 = clip_ast(str(toy_root), SEED, precision="bf16-mixed"), clip_ast(str(toy_root), SEED)
+    assert abs(bf16["base"] - fp32["base"]) <= 2.0  # 89.5 vs 90.0 / 88.5 vs 89.8 / 86.2 vs 86.2
+    assert abs(bf16["toy"] - fp32["toy"]) <= 2.0  # 84.4 vs 84.4 / 88.4 vs 88.5 / 89.8 vs 90.0
 
 
 @pytest.mark.slow  # two processes: make test-slow
@@ -223,14 +225,16 @@ def main(root: str) -> None:
     for seed in (1, 2, 3):
         results[f"seed {seed}"] = {
             "linear_probe": linear_probe(root, seed),
-            "linear_probe bf16-mixed": linear_probe(root, seed, "bf16-mixed"),
             "linear_probe ddp": linear_probe_ddp(root, seed),
             "clip_ast": clip_ast(root, seed),
             "clip_ast lambda=0": clip_ast(root, seed, consistency=False),
+            "clip_ast bf16-mixed": clip_ast(root, seed, precision="bf16-mixed"),
             "adapt T=28": adapt(root, seed, 28),
             "adapt T=111": adapt(root, seed, 111),
             "rada_eft": rada_eft(root, seed),
             "rada_eft lambda=0": rada_eft(root, seed, 0.0),
+            "rada_eft lr=1e-2 batch=8": rada_eft(root, seed, lr=1e-2, batch_size=8),
+            "rada_eft lr=1e-2 batch=8 lambda=0": rada_eft(root, seed, 0.0, lr=1e-2, batch_size=8),
             "rada_fft": rada_fft(root, seed),
             "rada_ttt": rada_ttt(root, seed),
             "clip_cite": clip_cite(root, seed),
