@@ -6,10 +6,15 @@ base accuracy rises above zero-shot; the knowledge-preserving parts reduce forge
 pretraining domain `toy` (all 32 classes, 800 test images); pruned Adapt keeps most of its accuracy; RAda
 TTT does not lower zero-shot accuracy; bf16-mixed and 2-process DDP match fp32 on one process.
 
-Every margin was calibrated on seeds 1, 2, 3 (`python tests/test_behaviour.py` prints the numbers;
-/work/notes/behave4_results.md has them) and set well below the smallest observed gap; the observed
-numbers sit next to each assert as "seed 1 / 2 / 3". A base or novel set has 400 test images (one
-image = 0.25 points), `toy` 800 (0.125 points).
+Every margin was calibrated on seeds 1, 2, 3 (`python tests/test_behaviour.py [ROOT]` prints all the
+numbers) and set well below the smallest observed gap; the observed numbers sit next to each assert as
+"seed 1 / 2 / 3". A base or novel set has 400 test images (one image = 0.25 points), `toy` 800 (0.125).
+
+Settings are the papers' losses and weights with learning rates raised for 40-step schedules (given per
+measurement below). Where a contrast needed a choice: Adapt's "unpruned" run keeps 111 of its 112 tokens
+(a target at the pool is refused); CLIP-CITE's α = 1 and α = 0.5 share one fit (α acts after it); RAda's
+regulariser is contrasted at lr 3e-2, where forgetting is measurable (at lr 1e-2, batch 8 it is not kept:
+the strict xfail below).
 """
 
 import functools
@@ -42,7 +47,8 @@ def linear_probe(root: str, seed: int) -> dict[str, float]:
 
 def linear_probe_ddp(root: str, seed: int) -> dict[str, float]:
     """`linear_probe` on 2 CPU processes under DDP (tests/ddp_behaviour.py, 16 images per rank and step)."""
-    write_toy(root, "toy")  # before the ranks start, so that they do not both write it
+    for domain in ("toy_dusk", "toy"):  # before the ranks start, so that they do not both write them
+        write_toy(root, domain)
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "accs.json"
@@ -109,11 +115,17 @@ def clip_cite(root: str, seed: int) -> dict[str, dict[str, float]]:
     return {"alpha=1": finetuned, "alpha=0.5": accuracies(trainer, model, data)}
 
 
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """This module's own toy root (its runs add `toy` and caches; the session's `toy_root` stays as others expect)."""
+    return str(tmp_path_factory.mktemp("behaviour"))
+
+
 # ---- zero-shot: the world leaves room for adaptation, and keeps a pretraining domain to forget ----
 
 
-def test_zero_shot_is_high_on_the_pretraining_domain_and_low_on_the_shift(toy_root: Path):
-    accs = zero_shot(toy_root)
+def test_zero_shot_is_high_on_the_pretraining_domain_and_low_on_the_shift(world: str):
+    accs = zero_shot(world)
     assert accs["toy"] >= 90  # 94.0 (the seed only draws the training shots: zero-shot has none)
     assert accs["base"] <= 60 and accs["novel"] <= 60  # 48.25, 48.0: 16-way, chance 6.25
     assert accs["base"] >= 30  # the shift leaves the classes recognisable
@@ -122,54 +134,54 @@ def test_zero_shot_is_high_on_the_pretraining_domain_and_low_on_the_shift(toy_ro
 # ---- base accuracy rises above zero-shot ----
 
 
-def gain(accs: dict[str, float], root: Path) -> float:
+def gain(accs: dict[str, float], root: str) -> float:
     return accs["base"] - zero_shot(root)["base"]
 
 
-def test_linear_probe_base_rises_above_zero_shot(toy_root: Path):
-    assert gain(linear_probe(str(toy_root), SEED), toy_root) >= 15  # +29.2 / +30.2 / +32.2
+def test_linear_probe_base_rises_above_zero_shot(world: str):
+    assert gain(linear_probe(world, SEED), world) >= 15  # +29.2 / +30.2 / +32.2
 
 
-def test_clip_ast_base_rises_above_zero_shot(toy_root: Path):
-    assert gain(clip_ast(str(toy_root), SEED), toy_root) >= 25  # +41.8 / +41.5 / +38.0
+def test_clip_ast_base_rises_above_zero_shot(world: str):
+    assert gain(clip_ast(world, SEED), world) >= 25  # +41.8 / +41.5 / +38.0
 
 
-def test_adapt_base_rises_above_zero_shot_when_pruned(toy_root: Path):
-    assert gain(adapt(str(toy_root), SEED, 28), toy_root) >= 12  # +24.0 / +21.8 / +21.2
+def test_adapt_base_rises_above_zero_shot_when_pruned(world: str):
+    assert gain(adapt(world, SEED, 28), world) >= 12  # +24.0 / +21.8 / +21.2
 
 
-def test_rada_eft_base_rises_above_zero_shot(toy_root: Path):
-    assert gain(rada_eft(str(toy_root), SEED), toy_root) >= 15  # +28.8 / +26.5 / +29.8
+def test_rada_eft_base_rises_above_zero_shot(world: str):
+    assert gain(rada_eft(world, SEED), world) >= 15  # +28.8 / +26.5 / +29.8
 
 
-def test_rada_fft_base_rises_above_zero_shot(toy_root: Path):
-    assert gain(rada_fft(str(toy_root), SEED), toy_root) >= 20  # +35.0 / +36.2 / +34.5
+def test_rada_fft_base_rises_above_zero_shot(world: str):
+    assert gain(rada_fft(world, SEED), world) >= 20  # +35.0 / +36.2 / +34.5
 
 
-def test_clip_cite_base_rises_above_zero_shot(toy_root: Path):
-    assert gain(clip_cite(str(toy_root), SEED)["alpha=0.5"], toy_root) >= 15  # +31.2 / +32.0 / +32.5
+def test_clip_cite_base_rises_above_zero_shot(world: str):
+    assert gain(clip_cite(world, SEED)["alpha=0.5"], world) >= 15  # +31.2 / +32.0 / +32.5
 
 
 # ---- knowledge-preserving parts reduce forgetting on the pretraining domain `toy` ----
 
 
-def test_clip_ast_consistency_terms_reduce_forgetting(toy_root: Path):
-    kept = clip_ast(str(toy_root), SEED)["toy"] - clip_ast(str(toy_root), SEED, consistency=False)["toy"]
+def test_clip_ast_consistency_terms_reduce_forgetting(world: str):
+    kept = clip_ast(world, SEED)["toy"] - clip_ast(world, SEED, consistency=False)["toy"]
     assert kept >= 1.5  # 84.4 - 80.9 = +3.5 / 88.5 - 80.8 = +7.8 / 90.0 - 84.2 = +5.8
 
 
-def test_clip_cite_ensemble_reduces_forgetting(toy_root: Path):
-    runs = clip_cite(str(toy_root), SEED)
+def test_clip_cite_ensemble_reduces_forgetting(world: str):
+    runs = clip_cite(world, SEED)
     assert (
         runs["alpha=0.5"]["toy"] - runs["alpha=1"]["toy"] >= 2.0
     )  # 91.5 - 79.9 = +11.6 / 92.0 - 87.0 = +5.0 / 91.6 - 82.4 = +9.2
 
 
-def test_rada_mask_regulariser_reduces_forgetting(toy_root: Path):
+def test_rada_mask_regulariser_reduces_forgetting(world: str):
     # lr 3e-2 moves the mask far enough for forgetting to be measurable: without L_reg `toy` loses 4-7 points.
     # At the paper's scale (lr 9e-4, batch 4) nothing much is forgotten either way: 93.9 / 94.1 / 94.0 with
     # L_reg vs 93.5 / 93.6 / 93.4 without (+0.4 to +0.6, 3 to 5 images: too few for a test).
-    kept = rada_eft(str(toy_root), SEED)["toy"] - rada_eft(str(toy_root), SEED, mask_reg_weight=0.0)["toy"]
+    kept = rada_eft(world, SEED)["toy"] - rada_eft(world, SEED, mask_reg_weight=0.0)["toy"]
     assert kept >= 1.5  # 94.25 - 87.0 = +7.2 / 92.9 - 89.2 = +3.6 / 93.0 - 89.6 = +3.4
 
 
@@ -178,39 +190,39 @@ def test_rada_mask_regulariser_reduces_forgetting(toy_root: Path):
     reason="known: at lr 1e-2, batch 8 the mask regulariser does not keep the pretraining domain on the toy world "
     "(seed 1: toy 82.2 with L_reg vs 91.8 without; seed 2: 90.8 vs 92.1; seed 3: 93.5 vs 92.4)",
 )
-def test_rada_mask_regulariser_reduces_forgetting_at_lr_1e_2_batch_8(toy_root: Path):
-    with_reg = rada_eft(str(toy_root), SEED, lr=1e-2, batch_size=8)["toy"]
-    assert with_reg - rada_eft(str(toy_root), SEED, 0.0, lr=1e-2, batch_size=8)["toy"] >= 0.0
+def test_rada_mask_regulariser_reduces_forgetting_at_lr_1e_2_batch_8(world: str):
+    with_reg = rada_eft(world, SEED, lr=1e-2, batch_size=8)["toy"]
+    assert with_reg - rada_eft(world, SEED, 0.0, lr=1e-2, batch_size=8)["toy"] >= 0.0
 
 
 # ---- pruning keeps accuracy; test-time adaptation does no harm ----
 
 
-def test_adapt_pruned_to_target_keeps_most_of_the_unpruned_accuracy(toy_root: Path):
-    pruned, unpruned = adapt(str(toy_root), SEED, 28)["base"], adapt(str(toy_root), SEED, 111)["base"]
+def test_adapt_pruned_to_target_keeps_most_of_the_unpruned_accuracy(world: str):
+    pruned, unpruned = adapt(world, SEED, 28)["base"], adapt(world, SEED, 111)["base"]
     assert (
         pruned >= 0.85 * unpruned
     )  # 28 of 112 tokens: 72.2 vs 74.8 (96.7%) / 70.0 vs 73.5 (95.2%) / 69.5 vs 71.5 (97.2%)
 
 
-def test_rada_ttt_does_not_lower_zero_shot_accuracy(toy_root: Path):
-    ttt, before = rada_ttt(str(toy_root), SEED)["novel"], zero_shot(toy_root)["novel"]
+def test_rada_ttt_does_not_lower_zero_shot_accuracy(world: str):
+    ttt, before = rada_ttt(world, SEED)["novel"], zero_shot(world)["novel"]
     assert ttt >= before - 1.0  # 48.5 / 48.2 / 48.2 vs 48.0; the tolerance is 4 of 400 images
 
 
 # ---- precision and processes do not change what is learned ----
 
 
-def test_bf16_mixed_reaches_the_fp32_accuracy(toy_root: Path):
+def test_bf16_mixed_reaches_the_fp32_accuracy(world: str):
     # CLIP-AST: its selection is read from AdamW's moments, which bf16 gradients could change.
-    bf16, fp32 = clip_ast(str(toy_root), SEED, precision="bf16-mixed"), clip_ast(str(toy_root), SEED)
+    bf16, fp32 = clip_ast(world, SEED, precision="bf16-mixed"), clip_ast(world, SEED)
     assert abs(bf16["base"] - fp32["base"]) <= 2.0  # 89.5 vs 90.0 / 88.5 vs 89.8 / 86.2 vs 86.2
     assert abs(bf16["toy"] - fp32["toy"]) <= 2.0  # 84.4 vs 84.4 / 88.4 vs 88.5 / 89.8 vs 90.0
 
 
 @pytest.mark.slow  # two processes: make test-slow
-def test_ddp_two_processes_reach_the_single_process_accuracy(toy_root: Path):
-    ddp, single = linear_probe_ddp(str(toy_root), SEED), linear_probe(str(toy_root), SEED)
+def test_ddp_two_processes_reach_the_single_process_accuracy(world: str):
+    ddp, single = linear_probe_ddp(world, SEED), linear_probe(world, SEED)
     # Not the same run: DistributedSampler shuffles in another order, so DDP is another draw of the batch
     # noise, whose seed-to-seed spread on one process is 3 points (77.5 / 78.5 / 80.5).
     assert abs(ddp["base"] - single["base"]) <= 5.0  # 76.2 vs 77.5 / 77.5 vs 78.5 / 77.2 vs 80.5
