@@ -53,7 +53,8 @@ def linear_probe_ddp(root: str, seed: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "accs.json"
         command = [sys.executable, str(HERE / "ddp_behaviour.py"), root, str(out), str(seed)]
-        subprocess.run(command, cwd=tmp, env=env, check=True, capture_output=True)
+        done = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(out.read_text())
 
 
