@@ -20,8 +20,10 @@ ctx=(--model.init_args.n_ctx 4 --model.init_args.context_init "a photo of a")
 sweep zeroshot --command test
 sweep linear_probe_fewshot "$lr" 1e-2
 sweep ast_base2novel "$lr" 5e-4 --model.init_args.probe_lr 1e-3 --model.init_args.top_k 6 --model.init_args.prompts simple
-sweep adapt_fewshot "$lr" 2e-3
-sweep rada_base2novel "$lr" 1e-3
+adamw() { echo "{\"class_path\": \"torch.optim.AdamW\", \"init_args\": {\"lr\": $1}}"; }
+sweep adapt_fewshot --model.init_args.optimizer "$(adamw 2e-3)" --model.init_args.target_length 28 \
+  --model.init_args.prune_per_step 6 --model.init_args.accumulate_steps 4 --model.init_args.prune_after_epochs 2
+sweep rada_base2novel --model.init_args.optimizer "$(adamw 3e-2)"
 sweep cite_base2novel "$lr" 3e-4
 sweep coop_fewshot "${ctx[@]}" "$lr" 0.05
 sweep kgcoop_base2novel "${ctx[@]}" "$lr" 0.05
