@@ -13,8 +13,9 @@ numbers) and set well below the smallest observed gap; the observed numbers sit 
 Settings are the papers' losses and weights with learning rates raised for 40-step schedules (given per
 measurement below). Where a contrast needed a choice: Adapt's "unpruned" run keeps 111 of its 112 tokens
 (a target at the pool is refused); CLIP-CITE's α = 1 and α = 0.5 share one fit (α acts after it); RAda's
-regulariser is contrasted at lr 3e-2, where forgetting is measurable (at lr 1e-2, batch 8 it is not kept:
-the strict xfail below).
+regulariser is contrasted at lr 3e-2, where forgetting is measurable (at the paper's lr 9e-4 little is
+forgotten either way, +0.4 to +0.6 points; at lr 1e-2, batch 8 the sign changed with the seed and the draw,
+so no test claims it there).
 """
 
 import functools
@@ -195,16 +196,6 @@ def test_rada_mask_regulariser_reduces_forgetting(world: str):
     # L_reg vs 93.5 / 93.6 / 93.4 without (+0.4 to +0.6, 3 to 5 images: too few for a test).
     kept = rada_eft(world, SEED)["toy"] - rada_eft(world, SEED, mask_reg_weight=0.0)["toy"]
     assert kept >= 1.5  # 94.25 - 87.0 = +7.2 / 92.9 - 89.2 = +3.6 / 93.0 - 89.6 = +3.4
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: at lr 1e-2, batch 8 the mask regulariser does not keep the pretraining domain on the toy world "
-    "(seed 1: toy 82.2 with L_reg vs 91.8 without; seed 2: 90.8 vs 92.1; seed 3: 93.5 vs 92.4)",
-)
-def test_rada_mask_regulariser_reduces_forgetting_at_lr_1e_2_batch_8(world: str):
-    with_reg = rada_eft(world, SEED, lr=1e-2, batch_size=8)["toy"]
-    assert with_reg - rada_eft(world, SEED, 0.0, lr=1e-2, batch_size=8)["toy"] >= 0.0
 
 
 # ---- pruning keeps accuracy; test-time adaptation does no harm ----
