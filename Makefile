@@ -1,3 +1,5 @@
+WORKERS ?= 2  # pytest-xdist processes for make test (each test runs on one thread)
+
 .PHONY: help install lint format test test-slow test-all demo toy-check bench
 
 help:      ## list targets
@@ -15,7 +17,7 @@ format:    ## fix what ruff can fix
 	ruff format clipadapt tests benchmarks
 
 test:      ## the fast suite: CPU, tiny models, synthetic data, < 10 min on a loaded 2-core machine
-	python -m pytest -m "not slow and not gpu and not pretrained"
+	python -m pytest -n $(WORKERS) --dist loadfile -m "not slow and not gpu and not pretrained"
 
 test-slow: ## what make test leaves out: multi-process DDP / torchrun / sweep runs and the notebooks (CI runs it)
 	python -m pytest -m "slow and not gpu and not pretrained"
