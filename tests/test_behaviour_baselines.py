@@ -190,20 +190,21 @@ def accuracy(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Callab
 
 
 # Base accuracy on toy_dusk (%) observed at seeds 1 / 2 / 3, zero-shot 48.2 (the test images are the same for every
-# seed; the 16-shot draw and the training noise change). Each margin is about half the smallest observed gain.
+# seed; the 16-shot draw and the training noise change). Each margin is about half the smallest observed gain
+# (CoCoOp's: about half of 5.8). Re-measured with `python tests/calibrate_baselines.py` on the shipped toy data.
 BASE_GAIN = {  # run: the least gain over zero-shot that the test asks for, in points
-    "CoOp": 10.0,  # 67.0 / 69.0 / 68.2
-    "KgCoOp": 4.0,  # 57.0 / 56.8 / 58.2 (λ = 8 holds it near zero-shot CLIP: the point of KgCoOp)
-    "CoCoOp": 5.0,  # 59.5 / 63.0 / 65.2
-    "MaPLe": 10.0,  # 70.0 / 76.0 / 77.8
-    "PromptSRC": 10.0,  # 75.0 / 67.8 / 71.0
-    "CLIPAdapter": 10.0,  # 71.2 / 73.5 / 75.0
-    "TipAdapter": 5.0,  # 61.0 / 60.0 / 60.5
-    "TipAdapterF": 10.0,  # 71.2 / 72.5 / 72.0
-    "CLIPLoRA": 15.0,  # 81.2 / 80.8 / 81.5
-    "FT": 20.0,  # 92.5 / 94.0 / 94.0
-    "WiSEFT": 15.0,  # 79.0 / 79.8 / 78.8
-    "LPFT": 20.0,  # 92.8 / 93.0 / 93.0
+    "CoOp": 10.0,  # 63.5 / 68.0 / 70.8
+    "KgCoOp": 4.0,  # 57.8 / 57.2 / 56.2 (λ = 8 holds it near zero-shot CLIP: the point of KgCoOp)
+    "CoCoOp": 3.0,  # 54.0 / 64.0 / 60.8
+    "MaPLe": 10.0,  # 72.8 / 76.8 / 78.0
+    "PromptSRC": 10.0,  # 75.2 / 69.8 / 75.8
+    "CLIPAdapter": 10.0,  # 69.8 / 73.5 / 76.5
+    "TipAdapter": 5.0,  # 65.8 / 63.8 / 61.2
+    "TipAdapterF": 10.0,  # 71.2 / 70.2 / 67.2
+    "CLIPLoRA": 15.0,  # 82.0 / 83.5 / 81.8
+    "FT": 20.0,  # 94.5 / 95.0 / 95.5
+    "WiSEFT": 15.0,  # 76.8 / 81.2 / 79.8
+    "LPFT": 20.0,  # 91.8 / 94.2 / 92.2
 }
 
 
@@ -214,27 +215,27 @@ def test_base_accuracy_on_a_shifted_domain_rises_above_zero_shot(accuracy: Calla
 
 
 def test_kgcoop_keeps_more_pretraining_domain_accuracy_than_coop(accuracy: Callable):
-    # toy (32 classes, zero-shot 94.0), seeds 1 / 2 / 3: CoOp 85.8 / 86.6 / 84.9, KgCoOp 93.5 / 93.9 / 94.5
+    # toy (32 classes, zero-shot 94.0), seeds 1 / 2 / 3: CoOp 81.6 / 84.2 / 83.1, KgCoOp 94.4 / 93.9 / 94.1
     coop, kgcoop = accuracy("CoOp", "toy"), accuracy("KgCoOp", "toy")
     assert kgcoop >= coop + 4.0, (coop, kgcoop)
 
 
 def test_wiseft_keeps_more_pretraining_domain_accuracy_than_ft(accuracy: Callable):
-    # toy (32 classes, zero-shot 94.0), seeds 1 / 2 / 3: FT 87.9 / 87.6 / 87.0, WiSE-FT 92.6 / 92.5 / 92.2
+    # toy (32 classes, zero-shot 94.0), seeds 1 / 2 / 3: FT 87.9 / 86.8 / 88.4, WiSE-FT 92.8 / 92.5 / 92.8
     ft, wise = accuracy("FT", "toy"), accuracy("WiSEFT", "toy")
     assert wise >= ft + 2.5, (ft, wise)
 
 
 def test_lpft_keeps_more_pretraining_domain_accuracy_than_ft(accuracy: Callable):
-    # LP-FT's claim (a probed head distorts the features less): toy, seeds 1 / 2 / 3: FT 87.9 / 87.6 / 87.0,
-    # LP-FT 90.6 / 90.9 / 89.0
+    # LP-FT's claim (a probed head distorts the features less): toy, seeds 1 / 2 / 3: FT 87.9 / 86.8 / 88.4,
+    # LP-FT 90.5 / 89.0 / 90.1
     ft, lpft = accuracy("FT", "toy"), accuracy("LPFT", "toy")
-    assert lpft >= ft + 1.0, (ft, lpft)
+    assert lpft >= ft + 0.75, (ft, lpft)
 
 
 def test_promptsrc_keeps_more_pretraining_domain_accuracy_than_without_self_regulation(accuracy: Callable):
     # The same deep prompts and lr without self-consistency and GPA (IVLP); toy, seeds 1 / 2 / 3:
-    # IVLP 76.1 / 73.5 / 70.8, PromptSRC 91.2 / 87.6 / 89.2
+    # IVLP 73.4 / 75.0 / 76.9, PromptSRC 91.8 / 90.9 / 89.4
     ivlp, promptsrc = accuracy("IVLP", "toy"), accuracy("PromptSRC", "toy")
     assert promptsrc >= ivlp + 7.0, (ivlp, promptsrc)
 
