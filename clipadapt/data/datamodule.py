@@ -26,7 +26,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 from torchvision import transforms as T
 
 from clipadapt.data.fewshot import few_shot_splits, load_few_shot, read_dassl_cache, subsample_classes, subsample_labels
@@ -42,6 +42,7 @@ __all__ = [
     "CLIPDataModule",
     "EvalSet",
     "ImageList",
+    "StepChunks",
     "UnpaddedDistributedSampler",
     "summarize_dataset",
 ]
@@ -101,6 +102,37 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class StepChunks(Sampler[list[int]]):
+    """`steps` consecutive batches of `batches` joined into one loader batch: the same indices in the same order.
+
+    For a method that takes several optimizer steps per loader batch (RAda EFT encodes a chunk of
+    training images in one frozen forward, then steps per batch): only a last partial *step* batch is
+    dropped (as `batches` says), never a partial chunk.
+    """
+
+    def __init__(self, batches: BatchSampler, steps: int) -> None:
+        self.batches = batches
+        self.steps = steps
+
+    @property
+    def num_steps(self) -> int:
+        """Optimizer steps per epoch: the step batches."""
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        chunk: list[int] = []
+        for count, batch in enumerate(self.batches, 1):
+            chunk += batch
+            if count % self.steps == 0:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.batches) / self.steps)
 
 
 def build_transform(
@@ -182,6 +214,9 @@ class CLIPDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self._data: dict | None = None
         self._eval: list[tuple[EvalSet, list[Datum]]] | None = None
+        # Optimizer steps per training loader batch; a method that encodes chunks of steps sets it in its
+        # `setup("fit")` (RAda EFT's `feature_chunk`), before the trainer asks for the loader.
+        self.steps_per_batch = 1
 
     # ---- what the model needs at instantiation (lazy, cached) ----
 
@@ -326,6 +361,15 @@ class CLIPDataModule(L.LightningDataModule):
         """Shuffled k-shot train split; drop_last only when there is at least one full batch (Dassl)."""
         items = self._load()["train"]
         ds = ImageList(items, build_transform(self.image_size, True, self.train_crop_scale, self.train_flip))
+        if self.steps_per_batch > 1:  # the same shuffled order, batched, then joined into chunks of steps
+            steps = BatchSampler(RandomSampler(ds), self.batch_size, drop_last=len(ds) >= self.batch_size)
+            return DataLoader(
+                ds,
+                batch_sampler=StepChunks(steps, self.steps_per_batch),
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                pin_memory=torch.cuda.is_available(),
+            )
         return DataLoader(
             ds,
             batch_size=self.batch_size,

@@ -292,11 +292,15 @@ class AdaptationModule(L.LightningModule):
         if stage.lr is not None:
             for group in optimizer.param_groups:
                 group["lr"] = stage.lr
-        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
+        steps_per_epoch = self._steps_per_epoch()
         _, epochs = self._stage_bounds(self.stage)
         epochs = stage.schedule_epochs or epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor(optimizer, steps_per_epoch, epochs))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch, the unit of the lr schedule (one per loader batch unless a method steps more)."""
+        return max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
 
     def _lr_factor(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
         base_lr = optimizer.param_groups[0]["lr"]
