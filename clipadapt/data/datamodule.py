@@ -172,6 +172,7 @@ class CLIPDataModule(L.LightningDataModule):
         train_crop_scale: tuple[float, float] = (0.08, 1.0),
         train_flip: bool = True,
         cache_dir: str | None = None,
+        feature_cache: str | None = None,
     ) -> None:
         """
         Args:
@@ -189,6 +190,8 @@ class CLIPDataModule(L.LightningDataModule):
             train_crop_scale: RandomResizedCrop scale range (Dassl (0.08, 1); CLIP-AST (0.5, 1)).
             train_flip: random horizontal flip in training (off for CLIP-CITE).
             cache_dir: where few-shot draws are recorded (default ~/.cache/clipadapt/fewshot).
+            feature_cache: a folder for the frozen image tower's features of whole evaluation sets, shared by
+                the runs of a sweep (keyed by weights, transform and files: `clipadapt.features`); off by default.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -212,6 +215,7 @@ class CLIPDataModule(L.LightningDataModule):
         self.train_crop_scale = train_crop_scale
         self.train_flip = train_flip
         self.cache_dir = cache_dir
+        self.feature_cache = feature_cache
         self._data: dict | None = None
         self._eval: list[tuple[EvalSet, list[Datum]]] | None = None
         # Optimizer steps per training loader batch; a method that encodes chunks of steps sets it in its

@@ -30,6 +30,7 @@ from torchmetrics import Metric
 from clipadapt.checkpoints import keep_plain
 from clipadapt.data.templates import templates_for
 from clipadapt.errors import ClipAdaptError
+from clipadapt.features import FeatureStore, files_digest, set_key, weights_digest
 from clipadapt.models import CLIPBackbone
 
 
@@ -118,6 +119,11 @@ class AdaptationModule(L.LightningModule):
         self.stage: str | None = None  # set at fit start, or restored from a checkpoint
         self._text_cache: dict[tuple, Tensor] = {}
         self._last_val_acc: float | None = None  # of the last validation outside sanity checks (run_summary)
+        self._eval_images: Tensor | None = None  # the images of the evaluation step running now
+        self._eval_where: tuple[str, int, int] = ("", 0, 0)  # its split, loader and batch index
+        self._feature_store: FeatureStore | None = None
+        self._set_keys: dict[tuple, tuple[str, int]] = {}  # (split, loader, normalize) -> (store key, rows)
+        self._weights_digest: str | None = None  # of the image tower, once per evaluation epoch
 
     # ---- what a method says ----
 
@@ -140,7 +146,28 @@ class AdaptationModule(L.LightningModule):
 
     def classify(self, images: Tensor, text: Tensor) -> Tensor:
         """(B, 3, H, W), (C, D) unit class embeddings -> (B, C) logits."""
-        return self.clip.logit_scale.exp() * self.clip.encode_image(images) @ text.T
+        return self.clip.logit_scale.exp() * self.image_features(images) @ text.T
+
+    def image_features(self, images: Tensor, normalize: bool = True) -> Tensor:
+        """(B, D) features of the plain image tower; an evaluation step's images under a frozen tower are encoded once.
+
+        Once per run (validation every epoch) and, with `data.feature_cache`, once per sweep
+        (`clipadapt.features`). Only the step's own images are looked up (not views or crops made from them).
+        """
+        if images is not self._eval_images or any(p.requires_grad for _, p in self.clip.image_parameters()):
+            return self.clip.encode_image(images, normalize=normalize)
+        key, total = self._eval_set_key(normalize)
+        if not key:
+            return self.clip.encode_image(images, normalize=normalize)
+        split, index, batch_idx = self._eval_where
+        start = batch_idx * self._eval_loader(split, index).batch_size
+        rows = torch.arange(start, start + len(images))
+        held = self._feature_store.get(key)
+        if held is not None and len(held) == total:
+            return held[rows].to(images.device)
+        features = self.clip.encode_image(images, normalize=normalize)
+        self._feature_store.add_rows(key, total, rows, features)
+        return features
 
     def class_logits(self, images: Tensor, classnames: list[str], templates: list[str]) -> Tensor:
         """(B, C) logits over `classnames`; a method whose text depends on the image (CoCoOp) overrides this."""
@@ -224,6 +251,40 @@ class AdaptationModule(L.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, C) logits over the training classes."""
         return self.class_logits(images, self.hparams.classnames, self.hparams.templates)
+
+    def _eval_loader(self, split: str, index: int) -> Any:
+        loaders = {"val": self.trainer.val_dataloaders, "test": self.trainer.test_dataloaders,
+                   "predict": self.trainer.predict_dataloaders}[split]  # fmt: skip
+        return loaders[index] if isinstance(loaders, (list, tuple)) else loaders
+
+    def _eval_set_key(self, normalize: bool) -> tuple[str, int]:
+        """Store key and row count of this rank's share of the running evaluation set ("" where it cannot be keyed)."""
+        split, index, _ = self._eval_where
+        if (split, index, normalize) in self._set_keys:
+            return self._set_keys[split, index, normalize]
+        loader = self._eval_loader(split, index)
+        dataset = getattr(loader, "dataset", None)
+        if getattr(loader, "batch_size", None) is None or not hasattr(dataset, "items") or loader.sampler is None:
+            self._set_keys[split, index, normalize] = ("", 0)
+            return "", 0
+        if self._feature_store is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            self._feature_store = FeatureStore(getattr(datamodule, "feature_cache", None))
+        if self._weights_digest is None:
+            self._weights_digest = weights_digest(self.clip.model.visual)
+        paths = [dataset.items[i].path for i in loader.sampler]  # this rank's rows, in loader order
+        transform = f"{dataset.transform!r}|normalize={normalize}"
+        key = set_key(self._weights_digest, transform, str(self.trainer.precision), files_digest(paths))
+        self._set_keys[split, index, normalize] = (key, len(paths))
+        return key, len(paths)
+
+    def _enter_eval_step(self, images: Tensor, split: str, dataloader_idx: int, batch_idx: int) -> None:
+        self._eval_images, self._eval_where = images, (split, dataloader_idx, batch_idx)
+
+    def _start_eval_epoch(self) -> None:
+        # The weights may have changed since the last evaluation: their digest is taken again, lazily.
+        self._weights_digest = None
+        self._set_keys.clear()
 
     def _evaluating(self) -> bool:
         # Inside an evaluation loop nothing trains: its epoch start clears the cache, one encoding serves it.
@@ -341,13 +402,17 @@ class AdaptationModule(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
         self._check_image_size(images)
+        self._enter_eval_step(images, "val", 0, batch_idx)
         self.val_acc.update(self(images), labels)
+        self._eval_images = None
 
     def on_validation_epoch_start(self) -> None:
+        self._start_eval_epoch()
         if self.text_trainable():
             self._text_cache.clear()
 
     def on_predict_epoch_start(self) -> None:
+        self._start_eval_epoch()
         self._text_cache.clear()
 
     def on_validation_epoch_end(self) -> None:
@@ -366,13 +431,16 @@ class AdaptationModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._text_cache.clear()  # weights may have changed since the last evaluation
+        self._start_eval_epoch()
         self.test_accs = nn.ModuleList(Top1() for _ in self._eval_sets()).to(self.device)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
         self._check_image_size(images)
         eval_set = self._eval_sets()[dataloader_idx]
+        self._enter_eval_step(images, "test", dataloader_idx, batch_idx)
         logits = self.class_logits(images, eval_set.classnames, eval_set.templates)
+        self._eval_images = None
         self.test_accs[dataloader_idx].update(logits, labels)
 
     def on_test_epoch_end(self) -> None:
@@ -400,7 +468,10 @@ class AdaptationModule(L.LightningModule):
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Predicted class index over the first evaluation set."""
         eval_set = self._eval_sets()[0]
-        return self.class_logits(batch[0], eval_set.classnames, eval_set.templates).argmax(-1)
+        self._enter_eval_step(batch[0], "predict", dataloader_idx, batch_idx)
+        predicted = self.class_logits(batch[0], eval_set.classnames, eval_set.templates).argmax(-1)
+        self._eval_images = None
+        return predicted
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         method = f"{type(self).__module__}.{type(self).__qualname__}"  # lets `clipadapt export` rebuild it

@@ -164,7 +164,7 @@ class RAda(AdaptationModule):
         frozen = self._encoders_frozen()
         self.clip.train(self.training and not frozen)  # a frozen tower runs as at inference (public code)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            return self.clip.encode_image(images).float()  # (B, D) unit
+            return self.image_features(images).float()  # (B, D) unit
 
     def _scale(self) -> Tensor:
         return self.clip.logit_scale.detach().exp().float()  # s, frozen

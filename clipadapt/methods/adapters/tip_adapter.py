@@ -195,7 +195,7 @@ class TipAdapter(AdaptationModule):
         dim = self.clip.embed_dim
         text, values = classes[:, :dim], classes[:, dim:].T  # (C, D), (N, C)
         with torch.no_grad():  # the image tower is frozen
-            features = self.clip.encode_image(images)  # (B, D)
+            features = self.image_features(images)  # (B, D)
         hp = self.hparams
         alpha, beta = (hp.init_alpha, hp.init_beta) if self.training else (self.alpha, self.beta)
         return tip_logits(features, text, self.cache_keys, values, alpha, beta, self.clip.logit_scale.exp())
