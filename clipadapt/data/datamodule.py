@@ -19,6 +19,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 from torchvision import transforms as T
+from torchvision.transforms import v2
+from torchvision.transforms.functional import pil_to_tensor
 
 from clipadapt.data.fewshot import few_shot_splits, load_few_shot, read_dassl_cache, subsample_classes, subsample_labels
 from clipadapt.data.images import find_unreadable, read_rgb
@@ -40,6 +43,7 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "CLIPDataModule",
+    "DecodedImages",
     "EvalSet",
     "ImageList",
     "StepChunks",
@@ -64,20 +68,57 @@ class EvalSet:
     dataset: str
 
 
-class ImageList(Dataset):
-    """(image, label) pairs from a list of `Datum`; an unreadable file raises `ImageReadError` naming it and `split`."""
+class DecodedImages:
+    """Decoded uint8 (3, H, W) images of a list of files, read once (threads) until `budget_mb` is held.
 
-    def __init__(self, items: Sequence[Datum], transform: T.Compose, split: str = "train") -> None:
+    Filled in the main process when the loader is made, so DataLoader workers share the tensors
+    (fork, copy-on-write) instead of each decoding its own copy; files past the budget stay on disk.
+    """
+
+    def __init__(self, paths: Sequence[str], budget_mb: float, split: str = "train") -> None:
+        self.images: dict[int, Tensor] = {}
+        budget, held = budget_mb * 2**20, 0
+        with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) + 2)) as pool:
+            for index, image in enumerate(pool.map(lambda path: decoded(path, split), paths)):
+                if held + image.numel() > budget:
+                    break
+                self.images[index] = image
+                held += image.numel()
+        self.megabytes = held / 2**20
+
+    def get(self, index: int) -> Tensor | None:
+        """The decoded image `index`, or None if it is not held."""
+        return self.images.get(index)
+
+
+def decoded(path: str, split: str) -> Tensor:
+    """The file as a uint8 (3, H, W) RGB tensor; ImageReadError if it cannot be read."""
+    return pil_to_tensor(read_rgb(path, split))
+
+
+class ImageList(Dataset):
+    """(image, label) pairs from a list of `Datum`; an unreadable file raises `ImageReadError` naming it and `split`.
+
+    With `memory` (`DecodedImages`), `transform` takes uint8 tensors: held images skip the decode.
+    """
+
+    def __init__(
+        self, items: Sequence[Datum], transform: T.Compose, split: str = "train", memory: DecodedImages | None = None
+    ) -> None:
         self.items = list(items)
         self.transform = transform
         self.split = split
+        self.memory = memory
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label, _ = self.items[index]
-        return self.transform(read_rgb(path, self.split)), label
+        if self.memory is None:
+            return self.transform(read_rgb(path, self.split)), label
+        image = self.memory.get(index)
+        return self.transform(image if image is not None else decoded(path, self.split)), label
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
@@ -149,6 +190,21 @@ def build_transform(
     return T.Compose([*steps, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
+def build_tensor_transform(
+    image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True
+) -> v2.Compose:
+    """`build_transform(train=True)` on uint8 (3, H, W) tensors (torchvision v2): the same random draws, bicubic.
+
+    The crop box and the flip come from the same torch RNG calls as the PIL pipeline; the resampling is
+    torch's antialiased bicubic instead of PIL's, so pixels differ by rounding (a few levels of 255).
+    """
+    bicubic = T.InterpolationMode.BICUBIC
+    steps: list = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=bicubic, antialias=True)]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
 def prompt_names(names: Sequence[str]) -> list[str]:
     """Classnames as prompts use them (CoOp: underscores become spaces)."""
     return [name.replace("_", " ") for name in names]
@@ -173,6 +229,7 @@ class CLIPDataModule(L.LightningDataModule):
         train_flip: bool = True,
         cache_dir: str | None = None,
         feature_cache: str | None = None,
+        memory_cache_mb: float = 0,
     ) -> None:
         """
         Args:
@@ -192,6 +249,8 @@ class CLIPDataModule(L.LightningDataModule):
             cache_dir: where few-shot draws are recorded (default ~/.cache/clipadapt/fewshot).
             feature_cache: a folder for the frozen image tower's features of whole evaluation sets, shared by
                 the runs of a sweep (keyed by weights, transform and files: `clipadapt.features`); off by default.
+            memory_cache_mb: decode the training images once and hold them as uint8 tensors, up to this many
+                MB (0: off, every epoch decodes every file); augmentation then runs on tensors (torchvision v2).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -216,6 +275,10 @@ class CLIPDataModule(L.LightningDataModule):
         self.train_flip = train_flip
         self.cache_dir = cache_dir
         self.feature_cache = feature_cache
+        if memory_cache_mb < 0:
+            raise ValueError(f"data.memory_cache_mb must be 0 (off) or more, got {memory_cache_mb}")
+        self.memory_cache_mb = memory_cache_mb
+        self._memory: DecodedImages | None = None
         self._data: dict | None = None
         self._eval: list[tuple[EvalSet, list[Datum]]] | None = None
         # Optimizer steps per training loader batch; a method that encodes chunks of steps sets it in its
@@ -364,7 +427,15 @@ class CLIPDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled k-shot train split; drop_last only when there is at least one full batch (Dassl)."""
         items = self._load()["train"]
-        ds = ImageList(items, build_transform(self.image_size, True, self.train_crop_scale, self.train_flip))
+        if self.memory_cache_mb > 0:
+            if self._memory is None:  # decoded once per run, before any worker starts
+                self._memory = DecodedImages([d.path for d in items], self.memory_cache_mb)
+                log.info("memory cache: %d of %d training images decoded (%.0f MB)", len(self._memory.images),
+                         len(items), self._memory.megabytes)  # fmt: skip
+            transform = build_tensor_transform(self.image_size, self.train_crop_scale, self.train_flip)
+            ds = ImageList(items, transform, memory=self._memory)
+        else:
+            ds = ImageList(items, build_transform(self.image_size, True, self.train_crop_scale, self.train_flip))
         if self.steps_per_batch > 1:  # the same shuffled order, batched, then joined into chunks of steps
             steps = BatchSampler(RandomSampler(ds), self.batch_size, drop_last=len(ds) >= self.batch_size)
             return DataLoader(
