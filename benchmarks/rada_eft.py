@@ -53,7 +53,7 @@ def epoch(args: argparse.Namespace, arch: str, chunk: int, images: torch.Tensor,
     model = RAda(classnames, ["a photo of a {}."], arch=arch, pretrained=None, prompts="simple", feature_chunk=chunk,
                  optimizer=lambda p: torch.optim.Adam(p, lr=9e-4), warmup_epochs=0)  # fmt: skip
     timer = EpochTimer()
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, callbacks=[timer])  # fmt: skip
     L.seed_everything(1, verbose=False)
@@ -62,15 +62,15 @@ def epoch(args: argparse.Namespace, arch: str, chunk: int, images: torch.Tensor,
 
 
 def bench(args: argparse.Namespace, arch: str, count: int, chunk: int) -> None:
-    probe = RAda(["a"], ["{}"], arch=arch, pretrained=None)
+    probe = RAda(["a"], ["{}"], arch=arch, pretrained=None).to(args.device)
     size = probe.clip.image_size
     images = torch.randn(count, 3, size, size)
     labels = torch.randint(0, args.classes, (count,))
     with torch.no_grad():
         probe.clip.eval()
-        batch = images[:chunk]
+        batch = images[:chunk].to(args.device)
         probe.clip.encode_image(batch)  # warm-up
-        tower = chunk / statistics.median(seconds(lambda: probe.clip.encode_image(batch), args.repeats))
+        tower = chunk / statistics.median(seconds(lambda: probe.clip.encode_image(batch), args.repeats, args.device))
     today_s, today = epoch(args, arch, 1, images, labels)
     chunked_s, chunked = epoch(args, arch, chunk, images, labels)
     diff = max(
@@ -93,8 +93,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=None, help="images per frozen forward")
     parser.add_argument("--classes", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
-    print(describe("cpu"))
+    print(describe(args.device))
     plans = {"clipadapt-tiny": (256, 64), "ViT-B-16": (32, 32)}
     for arch, (count, chunk) in plans.items() if args.arch is None else [(args.arch, (32, 32))]:
         bench(args, arch, args.images or count, args.chunk or chunk)
