@@ -77,7 +77,7 @@ class AdaptationModule(L.LightningModule):
 
     # Arguments that may differ from a checkpoint's when it is evaluated (`clipadapt test --ckpt_path`):
     # they only shape the evaluation. Any other model argument is the checkpoint's (the CLI refuses a change).
-    test_time_args: ClassVar[frozenset[str]] = frozenset({"prompts", "pretrained"})
+    test_time_args: ClassVar[frozenset[str]] = frozenset({"prompts", "pretrained", "attention"})
 
     def __init__(
         self,
@@ -91,6 +91,7 @@ class AdaptationModule(L.LightningModule):
         warmup: str = "constant",
         warmup_lr: float = 1e-5,
         schedule: str = "cosine",
+        attention: str = "module",
     ) -> None:
         """
         Args:
@@ -104,6 +105,8 @@ class AdaptationModule(L.LightningModule):
             warmup: `constant` (Dassl: `warmup_lr` throughout) or `linear` (0 -> lr).
             warmup_lr: the constant warmup learning rate.
             schedule: `cosine` (to 0 at the end of the stage) or `constant`.
+            attention: `module` (open_clip's nn.MultiheadAttention, bit-exact with open_clip) or `sdpa` (the
+                attention spelled out over fused scaled-dot-product kernels: equal up to rounding, faster).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -112,7 +115,7 @@ class AdaptationModule(L.LightningModule):
                 f"warmup must be constant|linear and schedule cosine|constant, got {warmup!r}, {schedule!r}"
             )
         templates_for(prompts, templates)  # fail now, not at the first step, on an unknown template set
-        self.clip = CLIPBackbone(arch, pretrained).requires_grad_(False)
+        self.clip = CLIPBackbone(arch, pretrained, attention=attention).requires_grad_(False)
         self.make_optimizer = optimizer
         self.val_acc = Top1()
         self.test_accs = nn.ModuleList()
