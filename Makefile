@@ -30,3 +30,7 @@ bench:     ## speed benchmarks on the present device (CPU here; GPU when there i
 	python benchmarks/text_encoder.py
 	for m in ast adapt rada cite; do python benchmarks/methods.py --method $$m; done
 	python benchmarks/prompting.py
+	python benchmarks/towers.py
+	python benchmarks/rada_eft.py
+	python benchmarks/feature_cache.py
+	python benchmarks/loader.py
