@@ -270,16 +270,41 @@ class AdaptationModule(L.LightningModule):
         if getattr(loader, "batch_size", None) is None or not hasattr(dataset, "items") or loader.sampler is None:
             self._set_keys[split, index, normalize] = ("", 0)
             return "", 0
+        paths = [dataset.items[i].path for i in loader.sampler]  # this rank's rows, in loader order
+        key = self._features_key(paths, dataset.transform, normalize)
+        self._set_keys[split, index, normalize] = (key, len(paths))
+        return key, len(paths)
+
+    def _features_key(self, paths: list[str], transform: Any, normalize: bool) -> str:
+        """Store key of the plain tower's features of `paths` under `transform` (`clipadapt.features`)."""
         if self._feature_store is None:
             datamodule = getattr(self.trainer, "datamodule", None)
             self._feature_store = FeatureStore(getattr(datamodule, "feature_cache", None))
         if self._weights_digest is None:
             self._weights_digest = weights_digest(self.clip.model.visual)
-        paths = [dataset.items[i].path for i in loader.sampler]  # this rank's rows, in loader order
-        transform = f"{dataset.transform!r}|normalize={normalize}"
-        key = set_key(self._weights_digest, transform, str(self.trainer.precision), files_digest(paths))
-        self._set_keys[split, index, normalize] = (key, len(paths))
-        return key, len(paths)
+        precision = str(self.trainer.precision)
+        return set_key(self._weights_digest, f"{transform!r}|normalize={normalize}", precision, files_digest(paths))
+
+    def split_features(self, dataset: Any, batch_size: int, normalize: bool = True) -> Tensor:
+        """(N, D) features of an evaluation-transform dataset (`ImageList`) in order, via the feature store.
+
+        For a method that encodes a whole deterministic split itself (Tip-Adapter's validation search):
+        the same entry as the validation loop's, so a run (and, with `data.feature_cache`, a sweep)
+        encodes the split once. The image tower must be frozen (it is not looked up otherwise).
+        """
+        key = ""
+        if hasattr(dataset, "items") and not any(p.requires_grad for _, p in self.clip.image_parameters()):
+            self._weights_digest = None  # taken again: the weights may have changed since the last use
+            key = self._features_key([d.path for d in dataset.items], dataset.transform, normalize)
+            held = self._feature_store.get(key)
+            if held is not None and len(held) == len(dataset):
+                return held.to(self.device)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+        with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+            features = torch.cat([self.clip.encode_image(x.to(self.device), normalize=normalize) for x, _ in loader])
+        if key:
+            self._feature_store.put(key, features)
+        return features
 
     def _enter_eval_step(self, images: Tensor, split: str, dataloader_idx: int, batch_idx: int) -> None:
         self._eval_images, self._eval_where = images, (split, dataloader_idx, batch_idx)
