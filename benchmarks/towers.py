@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=100, help="prompts per text forward")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--train", type=int, default=0, help="also time forward + backward at this batch (<= --batch)")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(describe(device))
@@ -115,6 +116,21 @@ def main() -> None:
         print(f"  {name:14s} {s:7.3f} s  {args.prompts / s:8.1f} prompts/s")
     for name in ("clipadapt", "clipadapt sdpa"):
         print(f"  {name} / open_clip = {text_timed['open_clip'] / text_timed[name]:.2f}x")
+    if args.train:  # forward + backward through the whole image tower (full fine-tuning's cost)
+        model.requires_grad_(True)
+        batch = images[: args.train]
+
+        def step(backbone: CLIPBackbone) -> None:
+            backbone.encode_image(batch).square().sum().backward()
+            model.zero_grad(set_to_none=True)
+
+        train = interleaved({"clipadapt": lambda: step(backbone), "clipadapt sdpa": lambda: step(fused),
+                             "open_clip": lambda: model.encode_image(batch).square().sum().backward()}, args.repeats,
+                            device)  # fmt: skip
+        print(f"{args.arch} image tower forward + backward, batch {args.train}:")
+        for name, s in train.items():
+            print(f"  {name:14s} {s:7.3f} s  {args.train / s:8.1f} images/s")
+        print(f"  clipadapt sdpa / clipadapt = {train['clipadapt'] / train['clipadapt sdpa']:.2f}x")
 
 
 if __name__ == "__main__":
