@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     add_mfu(report["reference_open_clip"], peak)
     print(report["machine"], file=sys.stderr)
+    Path(args.out).write_text(json.dumps(report, indent=1))
     for name in args.methods:
         try:
             line = measure(name, args, device)
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{name}: {shown}", file=sys.stderr)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    Path(args.out).write_text(json.dumps(report, indent=1))
+        Path(args.out).write_text(json.dumps(report, indent=1))  # after every method: a timeout keeps what ran
     return report
 
 
