@@ -104,8 +104,10 @@ def test_step_chunks_keep_the_order_and_drop_only_a_partial_step():
 
     from clipadapt.data.datamodule import StepChunks
 
-    chunks = StepChunks(BatchSampler(SequentialSampler(range(11)), 2, drop_last=True), steps=2)
+    order = SequentialSampler(range(11))
+    chunks = StepChunks(BatchSampler(order, 2, drop_last=True), steps=2)
     assert list(chunks) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] and len(chunks) == 3 and chunks.num_steps == 5
+    assert chunks.sampler is order  # Lightning's set_epoch reaches the order's sampler through `.sampler`
 
 
 def test_mask_regularizer_only_while_the_image_tower_is_frozen(tiny_data):

@@ -156,6 +156,7 @@ class StepChunks(Sampler[list[int]]):
     def __init__(self, batches: BatchSampler, steps: int) -> None:
         self.batches = batches
         self.steps = steps
+        self.sampler = batches.sampler  # where Lightning looks for `set_epoch` (a batch sampler's `.sampler`)
 
     @property
     def num_steps(self) -> int:
