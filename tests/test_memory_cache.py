@@ -9,9 +9,11 @@ from clipadapt.data.datamodule import CLIP_STD, DecodedImages
 LEVEL = torch.tensor(CLIP_STD)[:, None, None] * 255  # one normalised unit in levels of 255, per channel
 
 
-def epoch(data, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    torch.manual_seed(seed)
-    images, labels = zip(*data.train_dataloader(), strict=True)
+def epoch(data, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training epoch `index`: its order and augmentation come from (data seed, epoch, item), not the global RNG."""
+    loader = data.train_dataloader()
+    loader.sampler.set_epoch(index)
+    images, labels = zip(*loader, strict=True)
     return torch.cat(images), torch.cat(labels)
 
 
@@ -23,7 +25,7 @@ def test_cached_epoch_draws_the_same_crops_as_decoding(data_root, tmp_path):
     # The same crop boxes and flips; only the resampling differs (torch's bicubic vs PIL's): within 2 levels of 255.
     assert ((a - b).abs() * LEVEL).max() < 2.0
     assert len(cached._memory.images) == len(cached._load()["train"])
-    assert not torch.equal(epoch(cached, seed=1)[0], b)  # augmentation still random from epoch to epoch
+    assert not torch.equal(epoch(cached, 1)[0], b)  # augmentation still random from epoch to epoch
 
 
 def test_the_budget_bounds_what_is_held_and_the_rest_is_decoded(data_root, tmp_path):
