@@ -31,8 +31,8 @@ def weights_digest(module: nn.Module) -> str:
     """sha1 of a module's state: every tensor's name, shape, dtype and bytes (on CPU), in state-dict order."""
     digest = hashlib.sha1()
     for name, tensor in module.state_dict().items():
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(data.shape)}:{data.dtype};".encode())
+        data = tensor.detach().cpu().contiguous().reshape(-1)  # 0-dim tensors (BatchNorm counters) as 1 element
+        digest.update(f"{name}:{tuple(tensor.shape)}:{data.dtype};".encode())
         digest.update(memoryview(data.view(torch.uint8).numpy()) if data.numel() else b"")
     return digest.hexdigest()
 

@@ -147,3 +147,11 @@ def test_tip_adapter_search_reads_the_validation_features_of_the_sweep(data_root
     trains = len(data._load()["train"])  # the cache keys: augmented, so encoded by every run
     assert runs[0][0] == trains + vals + tests and runs[1][0] == trains
     assert runs[0][1:] == runs[1][1:]  # the same alpha, beta and test metrics from the stored validation features
+
+
+def test_weights_digest_reads_zero_dim_tensors() -> None:
+    """A ResNet tower's BatchNorm counters are 0-dim tensors: they enter the digest too."""
+    norm = torch.nn.BatchNorm1d(3)
+    before = weights_digest(norm)
+    norm.num_batches_tracked += 1
+    assert weights_digest(norm) != before
