@@ -52,7 +52,8 @@ def weights(tmp_path: Path) -> str:
 
 def run(method: type, weights: str, data, counter: CountEncodes, epochs: int = 0, **kwargs) -> dict[str, float]:
     model = method(data.classnames, data.templates, arch="clipadapt-tiny", pretrained=weights, **kwargs)
-    trainer = L.Trainer(**QUIET, devices=1, max_epochs=epochs, callbacks=[counter], check_val_every_n_epoch=1)
+    trainer = L.Trainer(**QUIET, devices=1, max_epochs=epochs, callbacks=[counter], check_val_every_n_epoch=1,
+                        default_root_dir=Path(weights).parent)  # fmt: skip
     if epochs:
         trainer.fit(model, data)
     return trainer.test(model, data, verbose=False)[0]
@@ -138,7 +139,7 @@ def test_tip_adapter_search_reads_the_validation_features_of_the_sweep(data_root
         model = TipAdapter(data.classnames, data.templates, arch="clipadapt-tiny", pretrained=weights, augment_epochs=1)
         before = encoded["n"]
         torch.manual_seed(0)  # the same augmented cache keys
-        metrics = L.Trainer(**QUIET, devices=1).test(model, data, verbose=False)[0]
+        metrics = L.Trainer(**QUIET, devices=1, default_root_dir=tmp_path).test(model, data, verbose=False)[0]
         runs.append((encoded["n"] - before, metrics, float(model.alpha), float(model.beta)))
     vals, tests = len(data._load()["val"]), len(data._load_eval()[0][1])
     trains = len(data._load()["train"])  # the cache keys: augmented, so encoded by every run
