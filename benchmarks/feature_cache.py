@@ -52,7 +52,7 @@ def sweep(args: argparse.Namespace, root: Path, weights: str, cache: str | None)
                                optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))  # fmt: skip
                 trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
                                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                    num_sanity_val_steps=0, check_val_every_n_epoch=1)  # fmt: skip
+                                    num_sanity_val_steps=0, check_val_every_n_epoch=1, default_root_dir=root)  # fmt: skip
                 if epochs:
                     trainer.fit(model, data)
                 results.append(trainer.test(model, data, verbose=False)[0])
