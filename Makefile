@@ -36,3 +36,7 @@ bench:     ## speed benchmarks on the present device (CPU here; GPU when there i
 	for m in ast adapt rada cite; do python benchmarks/methods.py --method $$m; done
 	python benchmarks/prompting.py
 	python benchmarks/cli_startup.py
+	python benchmarks/towers.py
+	python benchmarks/rada_eft.py
+	python benchmarks/feature_cache.py
+	python benchmarks/loader.py

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 from conftest import TINY
+from doubles import tiny_datamodule
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -64,6 +65,49 @@ def test_eft_trains_only_the_adapter_and_logs_mask_pictures(tiny_data, cpu_train
     assert {"mask/heatmap_M", "mask/heatmap_R", "mask/heatmap_MR"} <= set(tags["images"])
     assert "mask/values" in tags["histograms"]
     assert {"train/ce", "train/mask_reg", "train/loss"} <= set(tags["scalars"])
+
+
+@pytest.mark.parametrize("step_batch", [1, 2])
+def test_eft_chunked_features_take_todays_steps(data_root, tmp_path, cpu_trainer, step_batch):
+    """Chunks of 5 steps (not dividing the 24-image epoch) = today's per-batch path, up to batched-forward rounding."""
+    runs = {}
+    for chunk in (1, 5):
+        data = tiny_datamodule(data_root, tmp_path / "cache", num_shots=4, batch_size=step_batch)
+        torch.manual_seed(0)  # the same adapter init
+        model = build(RAda, data, prompts="simple", warmup_epochs=1, feature_chunk=chunk, optimizer=adam())
+        steps: list[int] = []
+
+        class Steps(Callback):
+            def on_train_batch_end(self, trainer, *args: Any, seen: list[int] = steps) -> None:
+                seen.append(trainer.global_step)
+
+        L.seed_everything(3)  # the same shuffles and augmentations (num_workers=0)
+        trainer = cpu_trainer(max_epochs=2, limit_val_batches=0, callbacks=[Steps()])
+        trainer.fit(model, data)
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        runs[chunk] = (model.eval(), trainer.global_step, lr, steps)
+    (today, steps_today, lr_today, _), (chunked, steps_chunked, lr_chunked, batches) = runs[1], runs[5]
+    assert steps_chunked == steps_today == 2 * (24 // step_batch)  # one optimizer step per data.batch_size images
+    assert batches[:2] == [5, 10]  # ... five of them per loader batch
+    assert lr_chunked == pytest.approx(lr_today)  # the lr schedule counts optimizer steps, not loader batches
+    for (name, a), b in zip(today.adapter.named_parameters(), chunked.adapter.parameters(), strict=True):
+        torch.testing.assert_close(
+            a, b, atol=1e-4, rtol=0, msg=lambda m, name=name: f"{name}: {m}"
+        )  # float reassociation of the batched forward
+    images = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(today(images).argmax(-1), chunked(images).argmax(-1))
+
+
+def test_step_chunks_keep_the_order_and_drop_only_a_partial_step():
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    from clipadapt.data.datamodule import StepChunks
+
+    order = SequentialSampler(range(11))
+    chunks = StepChunks(BatchSampler(order, 2, drop_last=True), steps=2)
+    assert list(chunks) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] and len(chunks) == 3 and chunks.num_steps == 5
+    assert chunks.sampler is order  # Lightning's set_epoch reaches the order's sampler through `.sampler`
 
 
 def test_mask_regularizer_only_while_the_image_tower_is_frozen(tiny_data):

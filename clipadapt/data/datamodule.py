@@ -35,6 +35,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -43,8 +44,10 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import transforms as T
+from torchvision.transforms import v2
+from torchvision.transforms.functional import pil_to_tensor
 
 from clipadapt.data.fewshot import few_shot_splits, load_few_shot, read_dassl_cache, subsample_classes, subsample_labels
 from clipadapt.data.images import find_unreadable, read_rgb
@@ -60,10 +63,12 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "CLIPDataModule",
+    "DecodedImages",
     "EpochSampler",
     "EvalSet",
     "ImageList",
     "ItemKey",
+    "StepChunks",
     "UnpaddedDistributedSampler",
     "summarize_dataset",
 ]
@@ -99,27 +104,63 @@ def stream_seed(*numbers: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+class DecodedImages:
+    """Decoded uint8 (3, H, W) images of a list of files, read once (threads) until `budget_mb` is held.
+
+    Filled in the main process when the loader is made, so DataLoader workers share the tensors
+    (fork, copy-on-write) instead of each decoding its own copy; files past the budget stay on disk.
+    """
+
+    def __init__(self, paths: Sequence[str], budget_mb: float, split: str = "train") -> None:
+        self.images: dict[int, Tensor] = {}
+        budget, held = budget_mb * 2**20, 0
+        with ThreadPoolExecutor(min(8, (os.cpu_count() or 1) + 2)) as pool:
+            for index, image in enumerate(pool.map(lambda path: decoded(path, split), paths)):
+                if held + image.numel() > budget:
+                    break
+                self.images[index] = image
+                held += image.numel()
+        self.megabytes = held / 2**20
+
+    def get(self, index: int) -> Tensor | None:
+        """The decoded image `index`, or None if it is not held."""
+        return self.images.get(index)
+
+
+def decoded(path: str, split: str) -> Tensor:
+    """The file as a uint8 (3, H, W) RGB tensor; ImageReadError if it cannot be read."""
+    return pil_to_tensor(read_rgb(path, split))
+
+
 class ImageList(Dataset):
     """(image, label) pairs from a list of `Datum`; an unreadable file raises `ImageReadError` naming it and `split`.
 
     Indexed by an int (evaluation), or by an `ItemKey` (training, from `EpochSampler`): the transform then
-    runs under the global RNG seeded by the key, restored afterwards.
+    runs under the global RNG seeded by the key, restored afterwards. With `memory` (`DecodedImages`),
+    `transform` takes uint8 tensors: held images skip the decode.
     """
 
-    def __init__(self, items: Sequence[Datum], transform: T.Compose, split: str = "train") -> None:
+    def __init__(
+        self, items: Sequence[Datum], transform: T.Compose, split: str = "train", memory: DecodedImages | None = None
+    ) -> None:
         self.items = list(items)
         self.transform = transform
         self.split = split
+        self.memory = memory
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, key: int | ItemKey) -> tuple[Tensor, int]:
+        index = key.index if isinstance(key, ItemKey) else key
+        path, label, _ = self.items[index]
+        held = self.memory.get(index) if self.memory is not None else None
+        if held is not None:
+            image = held
+        else:
+            image = decoded(path, self.split) if self.memory is not None else read_rgb(path, self.split)
         if not isinstance(key, ItemKey):
-            path, label, _ = self.items[key]
-            return self.transform(read_rgb(path, self.split)), label
-        path, label, _ = self.items[key.index]
-        image = read_rgb(path, self.split)
+            return self.transform(image), label
         with torch.random.fork_rng(devices=[]):  # torchvision's random transforms draw from the global RNG
             torch.manual_seed(stream_seed(*key))
             return self.transform(image), label
@@ -176,6 +217,38 @@ class UnpaddedDistributedSampler(DistributedSampler):
         return self.num_samples
 
 
+class StepChunks(Sampler[list[int]]):
+    """`steps` consecutive batches of `batches` joined into one loader batch: the same indices in the same order.
+
+    For a method that takes several optimizer steps per loader batch (RAda EFT encodes a chunk of
+    training images in one frozen forward, then steps per batch): only a last partial *step* batch is
+    dropped (as `batches` says), never a partial chunk.
+    """
+
+    def __init__(self, batches: BatchSampler, steps: int) -> None:
+        self.batches = batches
+        self.steps = steps
+        self.sampler = batches.sampler  # where Lightning looks for `set_epoch` (a batch sampler's `.sampler`)
+
+    @property
+    def num_steps(self) -> int:
+        """Optimizer steps per epoch: the step batches."""
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        chunk: list[int] = []
+        for count, batch in enumerate(self.batches, 1):
+            chunk += batch
+            if count % self.steps == 0:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.batches) / self.steps)
+
+
 def build_transform(
     image_size: int, train: bool, crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True
 ) -> T.Compose:
@@ -188,6 +261,21 @@ def build_transform(
     else:
         steps = [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]
     return T.Compose([*steps, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def build_tensor_transform(
+    image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True
+) -> v2.Compose:
+    """`build_transform(train=True)` on uint8 (3, H, W) tensors (torchvision v2): the same random draws, bicubic.
+
+    The crop box and the flip come from the same torch RNG calls as the PIL pipeline; the resampling is
+    torch's antialiased bicubic instead of PIL's, so pixels differ by rounding (a few levels of 255).
+    """
+    bicubic = T.InterpolationMode.BICUBIC
+    steps: list = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=bicubic, antialias=True)]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
 def prompt_names(names: Sequence[str]) -> list[str]:
@@ -213,6 +301,8 @@ class CLIPDataModule(L.LightningDataModule):
         train_crop_scale: tuple[float, float] = (0.08, 1.0),
         train_flip: bool = True,
         cache_dir: str | None = None,
+        feature_cache: str | None = None,
+        memory_cache_mb: float = 0,
     ) -> None:
         """
         Args:
@@ -232,6 +322,10 @@ class CLIPDataModule(L.LightningDataModule):
             train_crop_scale: RandomResizedCrop scale range (Dassl (0.08, 1); CLIP-AST (0.5, 1)).
             train_flip: random horizontal flip in training (off for CLIP-CITE).
             cache_dir: where few-shot draws are recorded (default ~/.cache/clipadapt/fewshot).
+            feature_cache: a folder for the frozen image tower's features of whole evaluation sets, shared by
+                the runs of a sweep (keyed by weights, transform and files: `clipadapt.features`); off by default.
+            memory_cache_mb: decode the training images once and hold them as uint8 tensors, up to this many
+                MB (0: off, every epoch decodes every file); augmentation then runs on tensors (torchvision v2).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -257,8 +351,16 @@ class CLIPDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.train_seed: int | None = None  # the run's seed, fixed at the first training loader (state_dict)
         self._start_epoch = 0  # the epoch a resumed fit starts at (state_dict)
+        self.feature_cache = feature_cache
+        if memory_cache_mb < 0:
+            raise ValueError(f"data.memory_cache_mb must be 0 (off) or more, got {memory_cache_mb}")
+        self.memory_cache_mb = memory_cache_mb
+        self._memory: DecodedImages | None = None
         self._data: dict | None = None
         self._eval: list[tuple[EvalSet, list[Datum]]] | None = None
+        # Optimizer steps per training loader batch; a method that encodes chunks of steps sets it in its
+        # `setup("fit")` (RAda EFT's `feature_chunk`), before the trainer asks for the loader.
+        self.steps_per_batch = 1
 
     # ---- what the model needs at instantiation (lazy, cached) ----
 
@@ -443,12 +545,29 @@ class CLIPDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Shuffled k-shot train split (`EpochSampler`); drop_last only when there is at least one full batch (Dassl)."""
         items = self._load()["train"]
-        ds = ImageList(items, build_transform(self._size(), True, self.train_crop_scale, self.train_flip))
+        if self.memory_cache_mb > 0:
+            if self._memory is None:  # decoded once per run, before any worker starts
+                self._memory = DecodedImages([d.path for d in items], self.memory_cache_mb)
+                log.info("memory cache: %d of %d training images decoded (%.0f MB)", len(self._memory.images),
+                         len(items), self._memory.megabytes)  # fmt: skip
+            transform = build_tensor_transform(self._size(), self.train_crop_scale, self.train_flip)
+            ds = ImageList(items, transform, memory=self._memory)
+        else:
+            ds = ImageList(items, build_transform(self._size(), True, self.train_crop_scale, self.train_flip))
         sampler = EpochSampler(ds, self._train_seed())
         # Lightning builds the loader's iterator before its set_epoch, and workers fetch their first batches
         # then: the sampler must already be at the epoch about to run. On resume the trainer's loops are not
         # restored yet when the loader is built, so that epoch comes from the checkpoint (`state_dict`).
         sampler.set_epoch(max(self._start_epoch, self._epochs_done()))
+        if self.steps_per_batch > 1:  # the same order, batched, then joined into chunks of steps
+            steps = BatchSampler(sampler, self.batch_size, drop_last=len(ds) >= self.batch_size)
+            return DataLoader(
+                ds,
+                batch_sampler=StepChunks(steps, self.steps_per_batch),
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                pin_memory=torch.cuda.is_available(),
+            )
         return DataLoader(
             ds,
             batch_size=self.batch_size,

@@ -36,6 +36,7 @@ from clipadapt.checkpoints import keep_plain
 from clipadapt.data.datamodule import CLIP_MEAN, CLIP_STD, stream_seed
 from clipadapt.data.templates import templates_for
 from clipadapt.errors import ClipAdaptError
+from clipadapt.features import FeatureStore, files_digest, set_key, weights_digest
 from clipadapt.models import CLIPBackbone
 
 
@@ -96,7 +97,7 @@ class AdaptationModule(L.LightningModule):
 
     # Arguments that may differ from a checkpoint's when it is evaluated (`clipadapt test --ckpt_path`):
     # they only shape the evaluation. Any other model argument is the checkpoint's (the CLI refuses a change).
-    test_time_args: ClassVar[frozenset[str]] = frozenset({"prompts", "pretrained"})
+    test_time_args: ClassVar[frozenset[str]] = frozenset({"prompts", "pretrained", "attention"})
     # Towers whose layer seams (K/V or deep prompts, learned text context, low-rank deltas) the method uses:
     # other towers (timm, ResNet, Hugging Face, CustomTextCLIP) are refused at construction, in one line.
     native_towers: ClassVar[tuple[str, ...]] = ()
@@ -114,6 +115,7 @@ class AdaptationModule(L.LightningModule):
         warmup_lr: float = 1e-5,
         schedule: str = "cosine",
         model_config: str | None = None,
+        attention: str = "module",
     ) -> None:
         """
         Args:
@@ -131,6 +133,8 @@ class AdaptationModule(L.LightningModule):
             schedule: `cosine` (to 0 at the end of the stage) or `constant`.
             model_config: an open_clip model config JSON of one's own; the model is registered and built under
                 the file's stem, which replaces `arch`.
+            attention: `module` (open_clip's nn.MultiheadAttention, bit-exact with open_clip) or `sdpa` (the
+                attention spelled out over fused scaled-dot-product kernels: equal up to rounding, faster).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -139,7 +143,7 @@ class AdaptationModule(L.LightningModule):
                 f"warmup must be constant|linear and schedule cosine|constant, got {warmup!r}, {schedule!r}"
             )
         templates_for(prompts, templates)  # fail now, not at the first step, on an unknown template set
-        self.clip = CLIPBackbone(arch, pretrained, model_config=model_config).requires_grad_(False)
+        self.clip = CLIPBackbone(arch, pretrained, model_config=model_config, attention=attention).requires_grad_(False)
         self.clip.require_native(type(self).__name__, self.native_towers)
         _warn_on_other_normalisation(self.clip)
         self.make_optimizer = optimizer
@@ -148,6 +152,11 @@ class AdaptationModule(L.LightningModule):
         self.stage: str | None = None  # set at fit start, or restored from a checkpoint
         self._text_cache: dict[tuple, Tensor] = {}
         self._last_val_acc: float | None = None  # of the last validation outside sanity checks (run_summary)
+        self._eval_images: Tensor | None = None  # the images of the evaluation step running now
+        self._eval_where: tuple[str, int, int] = ("", 0, 0)  # its split, loader and batch index
+        self._feature_store: FeatureStore | None = None
+        self._set_keys: dict[tuple, tuple[str, int]] = {}  # (split, loader, normalize) -> (store key, rows)
+        self._weights_digest: str | None = None  # of the image tower, once per evaluation epoch
 
     # ---- what a method says ----
 
@@ -170,7 +179,28 @@ class AdaptationModule(L.LightningModule):
 
     def classify(self, images: Tensor, text: Tensor) -> Tensor:
         """(B, 3, H, W), (C, D) unit class embeddings -> (B, C) logits (with SigLIP's logit bias when it has one)."""
-        return self.clip.logits(self.clip.encode_image(images), text)
+        return self.clip.logits(self.image_features(images), text)
+
+    def image_features(self, images: Tensor, normalize: bool = True) -> Tensor:
+        """(B, D) features of the plain image tower; an evaluation step's images under a frozen tower are encoded once.
+
+        Once per run (validation every epoch) and, with `data.feature_cache`, once per sweep
+        (`clipadapt.features`). Only the step's own images are looked up (not views or crops made from them).
+        """
+        if images is not self._eval_images or any(p.requires_grad for _, p in self.clip.image_parameters()):
+            return self.clip.encode_image(images, normalize=normalize)
+        key, total = self._eval_set_key(normalize)
+        if not key:
+            return self.clip.encode_image(images, normalize=normalize)
+        split, index, batch_idx = self._eval_where
+        start = batch_idx * self._eval_loader(split, index).batch_size
+        rows = torch.arange(start, start + len(images))
+        held = self._feature_store.get(key)
+        if held is not None and len(held) == total:
+            return held[rows].to(images.device)
+        features = self.clip.encode_image(images, normalize=normalize)
+        self._feature_store.add_rows(key, total, rows, features)
+        return features
 
     def class_logits(self, images: Tensor, classnames: list[str], templates: list[str]) -> Tensor:
         """(B, C) logits over `classnames`; a method whose text depends on the image (CoCoOp) overrides this."""
@@ -255,6 +285,65 @@ class AdaptationModule(L.LightningModule):
         """(B, 3, H, W) -> (B, C) logits over the training classes."""
         return self.class_logits(images, self.hparams.classnames, self.hparams.templates)
 
+    def _eval_loader(self, split: str, index: int) -> Any:
+        loaders = {"val": self.trainer.val_dataloaders, "test": self.trainer.test_dataloaders,
+                   "predict": self.trainer.predict_dataloaders}[split]  # fmt: skip
+        return loaders[index] if isinstance(loaders, (list, tuple)) else loaders
+
+    def _eval_set_key(self, normalize: bool) -> tuple[str, int]:
+        """Store key and row count of this rank's share of the running evaluation set ("" where it cannot be keyed)."""
+        split, index, _ = self._eval_where
+        if (split, index, normalize) in self._set_keys:
+            return self._set_keys[split, index, normalize]
+        loader = self._eval_loader(split, index)
+        dataset = getattr(loader, "dataset", None)
+        if getattr(loader, "batch_size", None) is None or not hasattr(dataset, "items") or loader.sampler is None:
+            self._set_keys[split, index, normalize] = ("", 0)
+            return "", 0
+        paths = [dataset.items[i].path for i in loader.sampler]  # this rank's rows, in loader order
+        key = self._features_key(paths, dataset.transform, normalize)
+        self._set_keys[split, index, normalize] = (key, len(paths))
+        return key, len(paths)
+
+    def _features_key(self, paths: list[str], transform: Any, normalize: bool) -> str:
+        """Store key of the plain tower's features of `paths` under `transform` (`clipadapt.features`)."""
+        if self._feature_store is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            self._feature_store = FeatureStore(getattr(datamodule, "feature_cache", None))
+        if self._weights_digest is None:
+            self._weights_digest = weights_digest(self.clip.model.visual)
+        precision = str(self.trainer.precision)
+        return set_key(self._weights_digest, f"{transform!r}|normalize={normalize}", precision, files_digest(paths))
+
+    def split_features(self, dataset: Any, batch_size: int, normalize: bool = True) -> Tensor:
+        """(N, D) features of an evaluation-transform dataset (`ImageList`) in order, via the feature store.
+
+        For a method that encodes a whole deterministic split itself (Tip-Adapter's validation search):
+        the same entry as the validation loop's, so a run (and, with `data.feature_cache`, a sweep)
+        encodes the split once. The image tower must be frozen (it is not looked up otherwise).
+        """
+        key = ""
+        if hasattr(dataset, "items") and not any(p.requires_grad for _, p in self.clip.image_parameters()):
+            self._weights_digest = None  # taken again: the weights may have changed since the last use
+            key = self._features_key([d.path for d in dataset.items], dataset.transform, normalize)
+            held = self._feature_store.get(key)
+            if held is not None and len(held) == len(dataset):
+                return held.to(self.device)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+        with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+            features = torch.cat([self.clip.encode_image(x.to(self.device), normalize=normalize) for x, _ in loader])
+        if key:
+            self._feature_store.put(key, features)
+        return features
+
+    def _enter_eval_step(self, images: Tensor, split: str, dataloader_idx: int, batch_idx: int) -> None:
+        self._eval_images, self._eval_where = images, (split, dataloader_idx, batch_idx)
+
+    def _start_eval_epoch(self) -> None:
+        # The weights may have changed since the last evaluation: their digest is taken again, lazily.
+        self._weights_digest = None
+        self._set_keys.clear()
+
     def _evaluating(self) -> bool:
         # Inside an evaluation loop nothing trains: its epoch start clears the cache, one encoding serves it.
         trainer = self._trainer
@@ -322,11 +411,15 @@ class AdaptationModule(L.LightningModule):
         if stage.lr is not None:
             for group in optimizer.param_groups:
                 group["lr"] = stage.lr
-        steps_per_epoch = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
+        steps_per_epoch = self._steps_per_epoch()
         _, epochs = self._stage_bounds(self.stage)
         epochs = stage.schedule_epochs or epochs
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor(optimizer, steps_per_epoch, epochs))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch, the unit of the lr schedule (one per loader batch unless a method steps more)."""
+        return max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
 
     def _lr_factor(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
         base_lr = optimizer.param_groups[0]["lr"]
@@ -368,13 +461,17 @@ class AdaptationModule(L.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
         self._check_image_size(images)
+        self._enter_eval_step(images, "val", 0, batch_idx)
         self.val_acc.update(self(images), labels)
+        self._eval_images = None
 
     def on_validation_epoch_start(self) -> None:
+        self._start_eval_epoch()
         if self.text_trainable():
             self._text_cache.clear()
 
     def on_predict_epoch_start(self) -> None:
+        self._start_eval_epoch()
         self._text_cache.clear()
 
     def on_validation_epoch_end(self) -> None:
@@ -393,13 +490,16 @@ class AdaptationModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._text_cache.clear()  # weights may have changed since the last evaluation
+        self._start_eval_epoch()
         self.test_accs = nn.ModuleList(Top1() for _ in self._eval_sets()).to(self.device)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
         self._check_image_size(images)
         eval_set = self._eval_sets()[dataloader_idx]
+        self._enter_eval_step(images, "test", dataloader_idx, batch_idx)
         logits = self.class_logits(images, eval_set.classnames, eval_set.templates)
+        self._eval_images = None
         self.test_accs[dataloader_idx].update(logits, labels)
 
     def on_test_epoch_end(self) -> None:
@@ -432,7 +532,10 @@ class AdaptationModule(L.LightningModule):
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Predicted class index over the first evaluation set."""
         eval_set = self._eval_sets()[0]
-        return self.class_logits(batch[0], eval_set.classnames, eval_set.templates).argmax(-1)
+        self._enter_eval_step(batch[0], "predict", dataloader_idx, batch_idx)
+        predicted = self.class_logits(batch[0], eval_set.classnames, eval_set.templates).argmax(-1)
+        self._eval_images = None
+        return predicted
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         method = f"{type(self).__module__}.{type(self).__qualname__}"  # lets `clipadapt export` rebuild it

@@ -46,7 +46,12 @@ Low-rank q/k/v deltas enter through `lora=` (an object with `qkv_delta(tower, la
 a delta that depends on the input (LoRA's dropout); a plain weight change (merged LoRA) goes through
 the unchanged path with replaced weights instead (`qkv_weights` names them).
 
-With no prompts, `encode_image` and `encode_text(..., truncate=False)` are bit-identical to
+Plain blocks run as open_clip's modules by default (`attention="module"`); `attention="sdpa"` runs them
+through the explicit batch-first attention of the low-rank path with no delta (fused SDPA kernels,
+no seq-first round trips inside nn.MultiheadAttention): equal up to float rounding, faster
+(benchmarks/towers.py; tests/test_towers.py holds the tolerance).
+
+With no prompts and `attention="module"`, `encode_image` and `encode_text(..., truncate=False)` are bit-identical to
 open_clip's own `encode_image` / `encode_text` in fp32; tests/test_backbone.py guards this, and
 tests/test_context.py checks the context and deep seams against open_clip's own forward with hooks.
 Bump the pin only with both green.
@@ -140,9 +145,18 @@ class CLIPBackbone(nn.Module):
         pretrained: str | None = "openai",
         cache_dir: str | None = None,
         model_config: str | None = None,
+        attention: str = "module",
     ) -> None:
-        """Build `arch` (or the model of a `model_config` JSON file) with weights from an open_clip tag, a file, or None."""
+        """Build `arch` (or the model of a `model_config` JSON file) with weights from an open_clip tag, a file, or None.
+
+        `attention`: `module` runs each plain block of a native tower as open_clip does (nn.MultiheadAttention;
+        bit-exact with open_clip), `sdpa` spells its attention out batch-first over F.scaled_dot_product_attention
+        (fused kernels, no layout round trips; equal up to float rounding, faster: benchmarks/towers.py).
+        """
         super().__init__()
+        if attention not in ("module", "sdpa"):
+            raise ValueError(f"attention must be 'module' or 'sdpa', got {attention!r}")
+        self.attention = attention
         spec = _resolve(arch, pretrained, model_config, cache_dir)
         self.arch: str = spec.arch  # the name the user knows it by (the JSON file's stem for `model_config`)
         kwargs = dict(spec.kwargs)
@@ -254,7 +268,7 @@ class CLIPBackbone(nn.Module):
             tokens = prompts.kv_tokens("image", index) if prompts is not None else None
             if tokens is None:
                 delta = lora.qkv_delta("image", index) if lora is not None else None
-                x = _run_block(visual.transformer, block, x, attn_mask=None, delta=delta)  # (B, 1 + N (+ P), W)
+                x = _run_block(visual.transformer, block, x, None, delta, self.attention)  # (B, 1 + N (+ P), W)
             else:
                 x = _run_prompted_block(visual.transformer, block, x, tokens, attn_mask=None)  # (B, 1 + N, W)
         if slots:
@@ -362,7 +376,7 @@ class CLIPBackbone(nn.Module):
             kv = prompts.kv_tokens("text", index) if prompts is not None else None
             if kv is None:
                 delta = lora.qkv_delta("text", index) if lora is not None else None
-                x = _run_block(model.transformer, block, x, attn_mask=attn_mask, delta=delta)  # (N, L, W)
+                x = _run_block(model.transformer, block, x, attn_mask, delta, self.attention)  # (N, L, W)
             else:
                 x = _run_prompted_block(model.transformer, block, x, kv, attn_mask=attn_mask)  # (N, L, W)
         return model.ln_final(x)
@@ -499,10 +513,11 @@ def _run_block(
     x: Tensor,
     attn_mask: Tensor | None,
     delta: Callable[[Tensor], Tensor] | None = None,
+    attention: str = "module",
 ) -> Tensor:
     """One residual block (with a q/k/v delta if given), honouring open_clip's per-tower gradient-checkpointing flag."""
     checkpointed = transformer.grad_checkpointing and torch.is_grad_enabled()
-    if delta is not None:
+    if delta is not None or attention == "sdpa":
         if checkpointed:  # the default RNG-state preservation replays the delta's dropout masks
             return checkpoint(_low_rank_block, block, x, delta, attn_mask, use_reentrant=False)
         return _low_rank_block(block, x, delta, attn_mask)
@@ -511,16 +526,21 @@ def _run_block(
     return block(x, attn_mask=attn_mask)
 
 
-def _low_rank_block(block: nn.Module, x: Tensor, delta: Callable[[Tensor], Tensor], attn_mask: Tensor | None) -> Tensor:
-    """ResidualAttentionBlock.forward with [q | k | v] = LN1(x)·W_inᵀ + b_in + delta(LN1(x)), attention written out.
+def _low_rank_block(
+    block: nn.Module, x: Tensor, delta: Callable[[Tensor], Tensor] | None, attn_mask: Tensor | None
+) -> Tensor:
+    """ResidualAttentionBlock.forward with its attention written out, [q | k | v] = LN1(x)·W_inᵀ + b_in (+ delta(LN1(x))).
 
     nn.MultiheadAttention takes only its own in_proj_weight, so an input-dependent addition needs the
     attention spelled out (scaled dot-product, the same heads and out_proj); equal to the block up to
-    float rounding when the delta is zero.
+    float rounding without a delta. Batch-first throughout, straight into F.scaled_dot_product_attention
+    (fused kernels): also the `attention="sdpa"` path of a plain block.
     """
     attn = block.attn
     h = block.ln_1(x)  # (B, L, W)
-    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias) + delta(h)  # (B, L, 3W)
+    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # (B, L, 3W)
+    if delta is not None:
+        qkv = qkv + delta(h)
     q, k, v = qkv.unflatten(-1, (3, attn.num_heads, attn.head_dim)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, W/H)
     mask = attn_mask.to(q.dtype) if attn_mask is not None else None  # additive (L, L), as the block passes it
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, W/H)

@@ -56,7 +56,7 @@ class CLIPAdapter(AdaptationModule):
 
     def classify(self, images: Tensor, text: Tensor) -> Tensor:
         with torch.no_grad():  # the image tower is frozen: no graph through it
-            features = self.clip.encode_image(images, normalize=False)  # (B, D)
+            features = self.image_features(images, normalize=False)  # (B, D)
         blended = residual_blend(features, self.adapter(features), self.hparams.residual_ratio)  # (B, D)
         return self.clip.logits(blended, text)  # scale·blended·ŵᵀ (+ SigLIP's bias)
 

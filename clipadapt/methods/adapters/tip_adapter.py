@@ -164,7 +164,8 @@ class TipAdapter(AdaptationModule):
             rank_zero_info(f"Tip-Adapter: no search (no validation split or search off): alpha={hp.init_alpha}, "
                            f"beta={hp.init_beta}")  # fmt: skip
             return
-        features, labels = self._encode_split(val, normalize=True)  # (M, D), (M,)
+        features = self.split_features(val.dataset, val.batch_size).float()  # (M, D), once per run / sweep
+        labels = torch.tensor([d.label for d in val.dataset.items], device=self.device)  # (M,)
         text = super().class_embeddings(hp.classnames, hp.templates).float()  # (C, D)
         values = F.one_hot(self.cache_labels, len(hp.classnames)).float()  # (N, C)
         scale = self.clip.logit_scale.exp().float()
@@ -195,7 +196,7 @@ class TipAdapter(AdaptationModule):
         dim = self.clip.embed_dim
         text, values = classes[:, :dim], classes[:, dim:].T  # (C, D), (N, C)
         with torch.no_grad():  # the image tower is frozen
-            features = self.clip.encode_image(images)  # (B, D)
+            features = self.image_features(images)  # (B, D)
         hp = self.hparams
         alpha, beta = (hp.init_alpha, hp.init_beta) if self.training else (self.alpha, self.beta)
         return tip_logits(features, text, self.cache_keys, values, alpha, beta, self.clip.logit_scale.exp())
