@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -177,42 +178,49 @@ def write_synthetic(
         "image_size": image_size,
         "seed": seed,
     }
-    root_path = absolute_root(root)
-    target = root_path / info.folder
-    if target.exists():
-        _check_existing(target, params)
-        return target
-    root_path.mkdir(parents=True, exist_ok=True)
-    # Build in a temporary sibling and rename: a crash leaves no half-written dataset, and concurrent
-    # writers (DDP ranks) cannot read each other's partial files.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{info.folder}.tmp-", dir=root_path))
-    try:
-        counts = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
-        if info.reader == "imagenet":
-            counts["val"] = 0  # ImageNet has no val split
-        _write(info, tmp, synthetic_classnames(num_classes), counts, image_size, seed)
-        (tmp / MARKER).write_text(json.dumps(params))
+    counts = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
+    if info.reader == "imagenet":
+        counts["val"] = 0  # ImageNet has no val split
+    fill = lambda tmp: _write(info, tmp, synthetic_classnames(num_classes), counts, image_size, seed)  # noqa: E731
+    return write_once(absolute_root(root), info.folder, params, MARKER, fill, "write_synthetic")
+
+
+def write_once(
+    root: Path,
+    folder: str,
+    params: dict,
+    marker: str,
+    fill: Callable[[Path], None],
+    writer: str,
+    error: type[Exception] = FileExistsError,
+) -> Path:
+    """`root/folder`, written once by `fill(tmp)` into a temporary sibling renamed into place with a marker of
+    `params`: a crash leaves no half-written dataset, and concurrent writers (DDP ranks) cannot read each
+    other's partial files. A folder already there must carry the same marker, else `error` (`writer` names us)."""
+    target = root / folder
+    if not target.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.tmp-", dir=root))
         try:
+            fill(tmp)
+            (tmp / marker).write_text(json.dumps(params))
             os.rename(tmp, target)
-        except OSError:  # another process finished first
-            _check_existing(target, params)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return target
-
-
-def _check_existing(target: Path, params: dict) -> None:
+            return target
+        except OSError:  # another process finished first (or the rename failed: then the check below says so)
+            if not target.exists():
+                raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
     try:
-        existing = json.loads((target / MARKER).read_text())
+        existing = json.loads((target / marker).read_text())
     except (OSError, ValueError):
-        raise FileExistsError(
-            f"{target} exists and was not written by write_synthetic; refusing to write a synthetic dataset into it"
-        ) from None
+        raise error(f"{target} exists and was not written by {writer}; refusing to write into it") from None
     if existing != params:
-        raise FileExistsError(
-            f"{target} holds a synthetic dataset written with {existing}, not {params}; delete the folder to rewrite it"
+        raise error(
+            f"{target} holds data {writer} wrote with {existing}, not {params}; delete the folder to rewrite it"
         )
+    return target
 
 
 def main(argv: list[str] | None = None) -> None:

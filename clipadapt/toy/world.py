@@ -23,8 +23,6 @@ Everything is a function of a `torch.Generator`: the same seed gives the same im
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -351,19 +349,15 @@ def write_toy(
 ) -> Path:
     """Write `domain` under `root` in the CoOp layout (`<domain>/split_zhou_<Coop>.json`, PNGs); kept if written."""
     from clipadapt.data.readers import absolute_root, resolve_dataset
+    from clipadapt.data.synthetic import write_once
+    from clipadapt.errors import ClipAdaptError
 
     info = resolve_dataset(domain)
     if info.name not in DOMAINS:
         raise ValueError(f"{domain!r} is not a toy domain; valid: {', '.join(DOMAINS)}")
     params = {"domain": info.name, "train": train_per_class, "val": val_per_class, "test": test_per_class, "seed": seed}
-    root_path = absolute_root(root)
-    target = root_path / info.folder
-    if target.exists():
-        _check_existing(target, params)
-        return target
-    root_path.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{info.folder}.tmp-", dir=root_path))
-    try:
+
+    def fill(tmp: Path) -> None:
         names = classnames()
         splits: dict[str, list[list]] = {}
         for index, (split, per_class) in enumerate(
@@ -382,27 +376,5 @@ def write_toy(
                 entries.append([rel, label, names[label]])
             splits[split] = entries
         (tmp / info.split_file).write_text(json.dumps(splits))
-        (tmp / MARKER).write_text(json.dumps(params))
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process (a DDP rank) finished first
-            _check_existing(target, params)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return target
 
-
-def _check_existing(target: Path, params: dict) -> None:
-    from clipadapt.errors import ClipAdaptError
-
-    try:
-        existing = json.loads((target / MARKER).read_text())
-    except (OSError, ValueError):
-        raise ClipAdaptError(
-            f"{target} exists and was not written by write_toy; refusing to write the toy world into it"
-        ) from None
-    if existing != params:
-        raise ClipAdaptError(
-            f"{target} holds the toy world written with {existing}, not {params}; delete the folder to rewrite it"
-        )
+    return write_once(absolute_root(root), info.folder, params, MARKER, fill, "write_toy", ClipAdaptError)
