@@ -206,7 +206,7 @@ def write_once(
             (tmp / marker).write_text(json.dumps(params))
             os.rename(tmp, target)
             return target
-        except OSError:  # another process finished first (or the rename failed: then the check below says so)
+        except OSError:  # another process (a DDP rank) finished first: its marker is checked below
             if not target.exists():
                 raise
         finally:
