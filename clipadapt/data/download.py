@@ -36,6 +36,18 @@ class _NextURL(Exception):
     """This URL will not give the file (404, a web page): try the next one."""
 
 
+def verify(path: Path, checksum: str | None, what: str, then: str) -> None:
+    """Delete `path` and raise a one-line ClipAdaptError (`what` names the file, `then` the way on) unless it
+    matches `checksum` ("md5:<hex>" / "sha256:<hex>"); no checksum, nothing to check."""
+    if not checksum:
+        return
+    algorithm, _, expected = checksum.partition(":")
+    got = file_digest(path, algorithm)
+    if got != expected.lower():
+        path.unlink()
+        raise ClipAdaptError(f"checksum mismatch for {what} (expected {algorithm} {expected}, got {got}); {then}")
+
+
 def file_digest(path: Path, algorithm: str) -> str:
     """The hex digest of a file, read in chunks."""
     h = hashlib.new(algorithm)
@@ -126,16 +138,10 @@ def fetch(
                 time.sleep(backoff * attempt)
         if not done:
             continue
-        if checksum:
-            algorithm, _, expected = checksum.partition(":")
-            got = file_digest(part, algorithm)
-            if got != expected.lower():
-                part.unlink()
-                raise ClipAdaptError(
-                    f"checksum mismatch for {dest.name} from {url}: expected {algorithm} {expected}, got {got}; the "
-                    "download was deleted (nothing was unpacked): run the command again, or fetch the file yourself "
-                    f"and put it at {dest}"
-                )
+        verify(
+            part, checksum, f"{dest.name} from {url}",
+            f"the download was deleted (nothing was unpacked): run the command again, or fetch the file yourself and put it at {dest}",
+        )  # fmt: skip
         os.replace(part, dest)
         return dest
     last = problems[-1] if problems else "no URL"

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from clipadapt.data.download import extract, fetch, file_digest
+from clipadapt.data.download import extract, fetch, verify
 from clipadapt.data.readers import DATASETS, absolute_root, resolve_dataset
 from clipadapt.data.sources import CLASSNAMES, SOURCES, Download, Source
 from clipadapt.errors import ClipAdaptError
@@ -59,16 +59,8 @@ def _urls(download: Download, folder: str, mirror: str | None) -> tuple[str, ...
 
 def _verified_local(path: Path, download: Download) -> None:
     """A file already in the downloads folder (an earlier run, or put there by hand) must match its checksum."""
-    if not (download.checksum and path.is_file()):
-        return
-    algorithm, _, expected = download.checksum.partition(":")
-    got = file_digest(path, algorithm)
-    if got != expected.lower():
-        path.unlink()
-        raise ClipAdaptError(
-            f"checksum mismatch for {path} (expected {algorithm} {expected}, got {got}); it was deleted: run the "
-            "command again to download it"
-        )
+    if path.is_file():
+        verify(path, download.checksum, str(path), "it was deleted: run the command again to download it")
 
 
 def _arrange(download: Download, path: Path, out: Path) -> None:
