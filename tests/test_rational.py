@@ -46,7 +46,9 @@ def spec_forward(adapter: RationalAdapter, f: torch.Tensor, w: torch.Tensor, s: 
     return s * (M * R).sum(-1)
 
 
-@pytest.mark.parametrize("queries", [QUERIES, ("rational",), ("image", "rational"), ("text", "rational")])
+@pytest.mark.parametrize(
+    "queries", [QUERIES, ("rational",), ("image",), ("text",), ("image", "rational"), ("text", "rational")]
+)
 def test_adapter_matches_the_spec_pseudo_code(queries):
     adapter = perturbed(RationalAdapter(32, queries=queries, temperature=0.7))
     f, w, s = unit(3, 32), unit(5, 32), torch.tensor(100.0)

@@ -170,15 +170,15 @@ class RAda(AdaptationModule):
         return self.clip.logit_scale.detach().exp().float()  # s, frozen
 
     def training_losses(self, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        return self._feature_losses(self._features(images), labels)
-
-    def _feature_losses(self, features: Tensor, labels: Tensor) -> dict[str, Tensor]:
-        """The training losses from (B, D) unit image features."""
         text = self.class_embeddings(self.hparams.classnames, self.hparams.templates).float()  # (C, D)
+        return self._feature_losses(self._features(images), labels, text, self._encoders_frozen())
+
+    def _feature_losses(self, features: Tensor, labels: Tensor, text: Tensor, frozen: bool) -> dict[str, Tensor]:
+        """The training losses from (B, D) unit image features and (C, D) class rows."""
         logits, mask = self.adapter(features, text, self._scale())  # (B, C), (B, C, D)
         self._shown = (mask[:8].detach(), (features[0, None] * text).detach())
         losses = {"ce": F.cross_entropy(logits, labels)}
-        if self.hparams.mask_reg_weight > 0 and self._encoders_frozen():
+        if self.hparams.mask_reg_weight > 0 and frozen:  # L_reg only while the encoders are frozen
             losses["mask_reg"] = self.hparams.mask_reg_weight * mask_regularizer(mask, self.hparams.mask_reg)
         return losses
 
@@ -208,9 +208,10 @@ class RAda(AdaptationModule):
             features = self._features(images)  # (chunk · b, D): one frozen forward for the whole chunk
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         size = self._step_size or len(labels)  # images per optimizer step (data.batch_size)
+        text = self.class_embeddings(self.hparams.classnames, self.hparams.templates).float()  # (C, D), frozen
         totals: dict[str, Tensor] = {}
         for step_features, step_labels in zip(features.split(size), labels.split(size), strict=True):
-            losses = self._feature_losses(step_features, step_labels)  # one step of today's path, in order
+            losses = self._feature_losses(step_features, step_labels, text, True)  # one step of today's path
             optimizer.zero_grad()
             self.manual_backward(sum(losses.values()))
             optimizer.step()

@@ -18,7 +18,9 @@ map's maximum; pass 2: exp·v and the map's mass, divided last, so equal to the 
 to float rounding). Batch chunks are recomputed in backward (activation checkpointing) when there
 is more than one, so training memory follows the chunk, not the batch. The softmax is written as
 exp / Σexp with a float32 `sum` rather than `torch.softmax`: over C² = 10⁶ entries the CPU kernel
-rounded ~20x worse against a float64 reference.
+rounded ~20x worse against a float64 reference. When the whole map fits (the usual case), the image
+query, the same for every class, keeps its one distinct row: its C·softmax over the C×C grid of C equal
+rows is the softmax over one row, repeated, so it costs B·H·C instead of B·H·C² (exact up to rounding).
 
 Ablation switches (paper Table 4): `queries`, any non-empty subset of image, text, rational;
 `mask_net="mlp"`, our reading of "MLP for f_φ": Linear(D, D) → ReLU → Linear(D, D) (zero-init)
@@ -110,16 +112,31 @@ class RationalAdapter(nn.Module):
         root = scale.sqrt()
         # Image and text queries are projected before being repeated: (B, 1, D) and (1, C, D).
         sources = {"image": (root * image)[:, None, :], "text": (root * text)[None], "rational": scaled}
-        queries = [
-            self._heads(self.q_proj[name](sources[name]).expand(batch, num_classes, -1))  # (B, H, C, hd)
-            for name in self.queries
-        ]
+        projected = {name: self.q_proj[name](sources[name]) for name in self.queries}
         k = self._heads(self.k_proj(scaled))  # (B, H, C, hd)
         v = self._heads(self.v_proj(scaled))  # (B, H, C, hd)
         factor = 1.0 / (math.sqrt(k.shape[-1]) * self.temperature)
         rows = max(1, self.max_map_elements // (batch * self.num_heads * num_classes))
-        out = self._grid_attention(queries, k.transpose(-1, -2), v, factor, rows)  # (B, H, C, hd)
+        if rows >= num_classes:  # the whole map fits: one pass, without repeating the image query
+            out = self._grid_attention_whole(list(projected.values()), k.transpose(-1, -2), v, factor)
+        else:
+            queries = [self._heads(q.expand(batch, num_classes, -1)) for q in projected.values()]  # (B, H, C, hd)
+            out = self._grid_attention(queries, k.transpose(-1, -2), v, factor, rows)  # (B, H, C, hd)
         return out.transpose(-3, -2).flatten(-2)  # (B, C, D)
+
+    def _grid_attention_whole(self, queries: list[Tensor], kt: Tensor, v: Tensor, factor: float) -> Tensor:
+        """mean_i(P_i) · v with whole maps; a query of r < C distinct rows (the image's: one) stays r rows.
+
+        The C×C grid of a query repeated over its C rows is that row C times, so C · softmax over the grid
+        is softmax over the row, repeated: P_i = r · softmax over the (r, C) grid of its distinct rows,
+        broadcast over the C rows. The softmax is exp / Σexp with a detached shift (its gradient is zero).
+        """
+        total = 0
+        for q in queries:  # (B or 1, 1 or C, D) projected, not yet repeated
+            logits = (self._heads(q) @ kt).float() * factor  # (B, H, r, C)
+            e = torch.exp(logits - logits.detach().amax((-2, -1), keepdim=True))
+            total = total + e * (logits.shape[-2] / e.sum((-2, -1), keepdim=True))  # (B, H, r, C), P_i
+        return (total.to(v.dtype) @ v / len(queries)).expand(v.shape)  # (B, H, C, hd); one row: image alone
 
     def _grid_attention(self, queries: list[Tensor], kt: Tensor, v: Tensor, factor: float, rows: int) -> Tensor:
         """mean_i(C · softmax over the C×C grid of q_i kᵀ·factor) · v, computed `rows` query classes at a time.
