@@ -103,8 +103,10 @@ def bench(args: argparse.Namespace, arch: str, count: int, chunk: int) -> None:
     print(f"  adapter steps alone (no tower):  {floor:9.1f} images/s")
     print(f"  EFT today (tower per step):      {rate_today:9.1f} images/s")
     print(f"  EFT chunked features:            {rate_chunked:9.1f} images/s")
-    print(f"  chunked / tower eval = {rate_chunked / tower:.2f}x   chunked / adapter alone = {rate_chunked / floor:.2f}x   "
-          f"floor min(tower, adapter) / today = {min(tower, floor) / rate_today:.2f}x")
+    print(
+        f"  chunked / tower eval = {rate_chunked / tower:.2f}x   chunked / adapter alone = {rate_chunked / floor:.2f}x   "
+        f"floor min(tower, adapter) / today = {min(tower, floor) / rate_today:.2f}x"
+    )
     print(f"  chunked / today = {rate_chunked / rate_today:.2f}x   "
           f"max |adapter difference| = {diff:.2e}")  # fmt: skip
 
