@@ -4,6 +4,7 @@ Compiling costs seconds to tens of seconds even for the tiny model on a loaded C
 compiles is `slow` (make test-slow); the fast suite keeps the one check that compiles nothing.
 """
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,17 @@ def test_fit_with_compile_trains_checkpoints_and_exports_plain_keys(tmp_path: Pa
     main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "exported.pt")])
     exported = torch.load(tmp_path / "exported.pt", weights_only=True)
     assert list(exported) == list(CLIPBackbone("clipadapt-tiny", None).model.state_dict())
+
+
+@pytest.mark.slow
+def test_gpu_check_times_the_compiled_image_tower_without_the_methods(tmp_path: Path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_check
+
+    small = ["--arch", "clipadapt-tiny", "--device", "cpu", "--precision", "32-true", "--batch-size", "2",
+             "--eval-batch-size", "4", "--iters", "1", "--warmup", "1"]  # fmt: skip
+    report = gpu_check.main([*small, "--methods", "--compile", "default", "--out", str(tmp_path / "compile.json")])
+    line = report["compile"]
+    assert report["methods"] == {} and line["mode"] == "default" and line["first_call_s"] > 0
+    assert line["eager_eval_images_per_s"] > 0 and line["compiled_eval_images_per_s"] > 0
+    assert line["max_abs_diff"] < TOLERANCE
