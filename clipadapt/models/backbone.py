@@ -423,7 +423,7 @@ class CLIPBackbone(nn.Module):
         try:
             with torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT):
                 return compiled(*args)
-        except torch._dynamo.exc.TorchDynamoException as err:
+        except _COMPILE_FAILURES as err:  # not TorchRuntimeError: an input eager refuses too (a wrong shape)
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
             raise ClipAdaptError(
                 f"compile={self.compile_mode!r}: torch.compile of {fn.__name__} failed on {device} "
@@ -567,6 +567,11 @@ def _text_stack(model: nn.Module, x: Tensor, attn_mask: Tensor | None, attention
     return model.ln_final(x)
 
 
+_COMPILE_FAILURES = (
+    torch._dynamo.exc.BackendCompilerFailed,  # inductor could not build the kernels (compiler, triton, ...)
+    torch._dynamo.exc.Unsupported,  # a graph break in the tower (fullgraph=True): e.g. after an open_clip bump
+    torch._dynamo.exc.InternalTorchDynamoError,
+)
 _COMPILED: dict[tuple[str, str], Callable[..., Tensor]] = {}  # (function, mode) -> its torch.compile
 _COMPILERS_OK: set[str] = set()  # device types whose compiler was found
 
