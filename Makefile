@@ -37,6 +37,7 @@ bench:     ## speed benchmarks on the present device (CPU here; GPU when there i
 	python benchmarks/prompting.py
 	python benchmarks/cli_startup.py
 	python benchmarks/towers.py
+	python benchmarks/compile.py
 	python benchmarks/rada_eft.py
 	python benchmarks/feature_cache.py
 	python benchmarks/loader.py

@@ -12,6 +12,12 @@ is its per-image test-time tuning. FLOPs of one training / evaluation step are c
 torch.utils.flop_counter; MFU = achieved FLOP/s ÷ the device's dense bf16 peak (`--peak-tflops`, or
 a table of known GPUs; none on CPU). A method that fails records its error and the check goes on.
 Everything is written as one JSON (`--out`) and summarised on stdout.
+
+`--compile MODE` adds `compile`: the image tower's evaluation (encode_image, no grad, the precision
+above, `--eval-batch-size` images) eager vs `CLIPBackbone(compile=MODE)` on the same weights: the
+compiled first call (compile included), both steady-state images/s timed interleaved, their ratio and
+the max |difference|. `--methods` with no names skips the methods (gpu_check.sh runs the compile
+check as a process of its own, so a slow compile cannot cost the methods their time).
 """
 
 import argparse
@@ -152,6 +158,38 @@ def reference(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return out
 
 
+def compile_check(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Eager vs compiled image-tower evaluation images/s (compile's first call timed apart), the same weights."""
+    from clipadapt.models import CLIPBackbone
+
+    eager = CLIPBackbone(args.arch, None).to(device).eval()
+    compiled = CLIPBackbone(args.arch, None, compile=args.compile).to(device).eval()
+    compiled.model = eager.model
+    size = eager.image_size
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
+    images = torch.randn(args.eval_batch_size, 3, size, size, device=device)
+
+    def encode(clip: CLIPBackbone) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with torch.no_grad(), autocast:
+                return clip.encode_image(images)
+
+        return run
+
+    out: dict[str, Any] = {"mode": args.compile, "first_call_s": seconds(encode(compiled), 1, device)[0]}
+    seconds(encode(eager), args.warmup, device)
+    seconds(encode(compiled), args.warmup, device)
+    times: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for _ in range(args.iters):  # interleaved: the same load for both
+        for name, clip in (("eager", eager), ("compiled", compiled)):
+            times[name] += seconds(encode(clip), 1, device)
+    for name, ts in times.items():
+        out[f"{name}_eval_images_per_s"] = args.eval_batch_size / statistics.median(ts)
+    out["speedup"] = out["compiled_eval_images_per_s"] / out["eager_eval_images_per_s"]
+    out["max_abs_diff"] = (encode(compiled)().float() - encode(eager)().float()).abs().max().item()
+    return out
+
+
 def add_mfu(line: dict[str, Any], peak: float | None) -> None:
     for kind in ("train", "eval"):
         if peak and f"{kind}_images_per_s" in line:
@@ -170,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default: known GPUs)")
-    parser.add_argument("--methods", nargs="+", default=sorted(METHODS), choices=sorted(METHODS))
+    parser.add_argument("--methods", nargs="*", default=sorted(METHODS), choices=sorted(METHODS), help="none: skip")
+    parser.add_argument("--compile", default=None, help="also time the image tower compiled in this mode vs eager")
     parser.add_argument("--out", default="gpu_check.json")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -185,6 +224,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_mfu(report["reference_open_clip"], peak)
     print(report["machine"], file=sys.stderr)
     Path(args.out).write_text(json.dumps(report, indent=1))
+    if args.compile:
+        report["compile"] = compile_check(args, device)
+        print(f"compile: {report['compile']}", file=sys.stderr)
+        Path(args.out).write_text(json.dumps(report, indent=1))
     for name in args.methods:
         try:
             line = measure(name, args, device)

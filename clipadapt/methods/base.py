@@ -97,7 +97,7 @@ class AdaptationModule(L.LightningModule):
 
     # Arguments that may differ from a checkpoint's when it is evaluated (`clipadapt test --ckpt_path`):
     # they only shape the evaluation. Any other model argument is the checkpoint's (the CLI refuses a change).
-    test_time_args: ClassVar[frozenset[str]] = frozenset({"prompts", "pretrained", "attention"})
+    test_time_args: ClassVar[frozenset[str]] = frozenset({"prompts", "pretrained", "attention", "compile"})
     # Towers whose layer seams (K/V or deep prompts, learned text context, low-rank deltas) the method uses:
     # other towers (timm, ResNet, Hugging Face, CustomTextCLIP) are refused at construction, in one line.
     native_towers: ClassVar[tuple[str, ...]] = ()
@@ -116,6 +116,7 @@ class AdaptationModule(L.LightningModule):
         schedule: str = "cosine",
         model_config: str | None = None,
         attention: str = "module",
+        compile: str = "off",
     ) -> None:
         """
         Args:
@@ -135,6 +136,10 @@ class AdaptationModule(L.LightningModule):
                 the file's stem, which replaces `arch`.
             attention: `module` (open_clip's nn.MultiheadAttention, bit-exact with open_clip) or `sdpa` (the
                 attention spelled out over fused scaled-dot-product kernels: equal up to rounding, faster).
+            compile: `off`, or a torch.compile mode (`default`, `max-autotune-no-cudagraphs`) for the towers' plain
+                paths (prompted / low-rank paths stay eager); equal up to rounding, and it pays only on some
+                devices and sizes (README "Speed", benchmarks/compile.py). It compiles functions, not modules,
+                so checkpoints are unchanged.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -143,7 +148,9 @@ class AdaptationModule(L.LightningModule):
                 f"warmup must be constant|linear and schedule cosine|constant, got {warmup!r}, {schedule!r}"
             )
         templates_for(prompts, templates)  # fail now, not at the first step, on an unknown template set
-        self.clip = CLIPBackbone(arch, pretrained, model_config=model_config, attention=attention).requires_grad_(False)
+        self.clip = CLIPBackbone(
+            arch, pretrained, model_config=model_config, attention=attention, compile=compile
+        ).requires_grad_(False)
         self.clip.require_native(type(self).__name__, self.native_towers)
         _warn_on_other_normalisation(self.clip)
         self.make_optimizer = optimizer

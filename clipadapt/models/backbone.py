@@ -51,6 +51,19 @@ through the explicit batch-first attention of the low-rank path with no delta (f
 no seq-first round trips inside nn.MultiheadAttention): equal up to float rounding, faster
 (benchmarks/towers.py; tests/test_towers.py holds the tolerance).
 
+`compile` (off by default) runs the plain path of each native tower through `torch.compile` (inductor,
+`fullgraph=True`, `dynamic=None`): the image tower from patch embedding to the projection
+(`_image_tower`) and the text tower's blocks + ln_final (`_text_stack`, shared by `encode_text` and
+`encode_text_embeddings`). The EOT truncation stays eager (its length is data), so the text graph
+sees (N, L) shapes that vary per evaluation set: torch compiles the first shape static and, at the
+second, recompiles with the changed dims symbolic, so an evaluation set of its own costs no new
+compile; the recompile limit is raised to `COMPILE_RECOMPILE_LIMIT` for these two functions (grad
+mode, autocast, train/eval and the trainable subset each guard an entry of their own). Calls with
+K/V prompts, deep prompts or low-rank deltas run eager (they are the methods' seams, not the
+tower's cost). The compiled functions are module-level and take the tower as an argument, so no
+module is wrapped: state dicts, checkpoints and deep copies are those of the eager model. Equal to
+eager up to float rounding (tests/test_compile.py); where it pays: benchmarks/compile.py.
+
 With no prompts and `attention="module"`, `encode_image` and `encode_text(..., truncate=False)` are bit-identical to
 open_clip's own `encode_image` / `encode_text` in fp32; tests/test_backbone.py guards this, and
 tests/test_context.py checks the context and deep seams against open_clip's own forward with hooks.
@@ -76,6 +89,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +124,8 @@ _TEXT_PARAMETER_ROOTS = (
 )
 # Containers whose children are a tower's residual blocks: native/timm ViTs, ResNet stages, HF encoders.
 _BLOCK_CONTAINER = re.compile(r"^(resblocks|blocks|layers|layer|block|layer\d+)$")
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")  # torch.compile modes without CUDA graphs
+COMPILE_RECOMPILE_LIMIT = 64  # per compiled tower function; torch's default of 8 counts every guard combination
 _NATIVE = {
     "image": "a native open_clip ViT image tower (VisionTransformer: ViT-B-32, ViT-B-16, ViT-L-14, ...)",
     "text": "open_clip's own text transformer inside CLIP (as in ViT-B-16 or RN50, not a CustomTextCLIP)",
@@ -146,17 +162,28 @@ class CLIPBackbone(nn.Module):
         cache_dir: str | None = None,
         model_config: str | None = None,
         attention: str = "module",
+        compile: str = "off",
     ) -> None:
         """Build `arch` (or the model of a `model_config` JSON file) with weights from an open_clip tag, a file, or None.
 
         `attention`: `module` runs each plain block of a native tower as open_clip does (nn.MultiheadAttention;
         bit-exact with open_clip), `sdpa` spells its attention out batch-first over F.scaled_dot_product_attention
         (fused kernels, no layout round trips; equal up to float rounding, faster: benchmarks/towers.py).
+        `compile`: `off`, or a torch.compile mode (`default`, `max-autotune-no-cudagraphs`) for the towers'
+        plain paths (module docstring; equal up to float rounding; where it pays: benchmarks/compile.py).
         """
         super().__init__()
         if attention not in ("module", "sdpa"):
             raise ValueError(f"attention must be 'module' or 'sdpa', got {attention!r}")
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        if compile != "off" and not torch._dynamo.is_dynamo_supported():
+            raise ClipAdaptError(
+                f"compile={compile!r}: torch.compile does not run on this Python / torch ({torch.__version__}): "
+                "use compile: off"
+            )
         self.attention = attention
+        self.compile_mode = compile  # not `self.compile`: that is nn.Module's own method
         spec = _resolve(arch, pretrained, model_config, cache_dir)
         self.arch: str = spec.arch  # the name the user knows it by (the JSON file's stem for `model_config`)
         kwargs = dict(spec.kwargs)
@@ -255,6 +282,9 @@ class CLIPBackbone(nn.Module):
             if prompts is not None or deep is not None or lora is not None:
                 raise self._no_seam("image", "image prompts and low-rank deltas")
             pooled = visual(images)  # (B, D): the tower's own forward, as CLIP.encode_image
+            return F.normalize(pooled, dim=-1) if normalize else pooled
+        if deep is None and prompts is None and lora is None:
+            pooled = self._tower_call(_image_tower, visual, images, self.attention)  # (B, D)
             return F.normalize(pooled, dim=-1) if normalize else pooled
         if deep is None:
             x = visual._embeds(images)  # (B, 1 + N, W): class token + patch tokens
@@ -366,6 +396,8 @@ class CLIPBackbone(nn.Module):
     ) -> Tensor:
         """The text tower's blocks, then ln_final: (N, L, W) -> (N, L, W)."""
         model = self.model
+        if prompts is None and deep is None and lora is None:
+            return self._tower_call(_text_stack, model, x, attn_mask, self.attention)
         for index, block in enumerate(model.transformer.resblocks):
             if deep is not None and 0 < index < len(deep) and deep[index] is not None:
                 slots = deep[index].shape[0]
@@ -380,6 +412,23 @@ class CLIPBackbone(nn.Module):
             else:
                 x = _run_prompted_block(model.transformer, block, x, kv, attn_mask=attn_mask)  # (N, L, W)
         return model.ln_final(x)
+
+    def _tower_call(self, fn: Callable[..., Tensor], *args: Any) -> Tensor:
+        """`fn(*args)`, through torch.compile when `compile_mode` asks; a compiler that cannot run fails in one line."""
+        if self.compile_mode == "off":
+            return fn(*args)
+        device = args[1].device  # (the tower, then its input)
+        _check_compiler(device, self.compile_mode)
+        compiled = _compiled(fn, self.compile_mode)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT):
+                return compiled(*args)
+        except _COMPILE_FAILURES as err:  # not TorchRuntimeError: an input eager refuses too (a wrong shape)
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+            raise ClipAdaptError(
+                f"compile={self.compile_mode!r}: torch.compile of {fn.__name__} failed on {device} "
+                f"({type(err).__name__}: {first}): use compile: off"
+            ) from err
 
     def _project_text(self, pooled: Tensor, normalize: bool) -> Tensor:
         """(N, W) pooled text tokens -> (N, D) through the text projection."""
@@ -500,6 +549,63 @@ class CLIPBackbone(nn.Module):
 def _per_row(tokens: Tensor, x: Tensor) -> Tensor:
     """(P, W) tokens shared by every row of a (N, L, W) batch -> an (N, P, W) view."""
     return tokens.unsqueeze(0).expand(x.shape[0], -1, -1)
+
+
+def _image_tower(visual: nn.Module, images: Tensor, attention: str) -> Tensor:
+    """The plain image path: (B, 3, H, W) -> (B, D) unnormalized, as VisionTransformer.forward (the unit `compile` compiles)."""
+    x = visual._embeds(images)  # (B, 1 + N, W): class token + patch tokens
+    for block in visual.transformer.resblocks:
+        x = _run_block(visual.transformer, block, x, None, None, attention)  # (B, 1 + N, W)
+    pooled, _ = visual._pool(x)  # (B, W)
+    return pooled @ visual.proj if visual.proj is not None else pooled  # (B, D)
+
+
+def _text_stack(model: nn.Module, x: Tensor, attn_mask: Tensor | None, attention: str) -> Tensor:
+    """The plain text blocks, then ln_final: (N, L, W) -> (N, L, W) (the unit `compile` compiles)."""
+    for block in model.transformer.resblocks:
+        x = _run_block(model.transformer, block, x, attn_mask, None, attention)  # (N, L, W)
+    return model.ln_final(x)
+
+
+_COMPILE_FAILURES = (
+    torch._dynamo.exc.BackendCompilerFailed,  # inductor could not build the kernels (compiler, triton, ...)
+    torch._dynamo.exc.Unsupported,  # a graph break in the tower (fullgraph=True): e.g. after an open_clip bump
+    torch._dynamo.exc.InternalTorchDynamoError,
+)
+_COMPILED: dict[tuple[str, str], Callable[..., Tensor]] = {}  # (function, mode) -> its torch.compile
+_COMPILERS_OK: set[str] = set()  # device types whose compiler was found
+
+
+def _compiled(fn: Callable[..., Tensor], mode: str) -> Callable[..., Tensor]:
+    """One torch.compile of a module-level tower function per mode, shared by every backbone (guards tell them apart)."""
+    key = (fn.__name__, mode)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, mode=mode, dynamic=None, fullgraph=True)
+    return _COMPILED[key]
+
+
+def _check_compiler(device: torch.device, mode: str) -> None:
+    """Inductor needs a C++ compiler for CPU kernels and triton for CUDA ones: say so before torch's long trace."""
+    if device.type in _COMPILERS_OK:
+        return
+    if device.type == "cpu":
+        from torch._inductor import config as inductor_config
+
+        names = [os.environ.get("CXX"), *inductor_config.cpp.cxx]
+        if not any(name and shutil.which(name) for name in names):
+            raise ClipAdaptError(
+                f"compile={mode!r} on CPU needs a C++ compiler (inductor builds its kernels with one; looked for "
+                f"{', '.join(n for n in names if n)} and $CXX): install g++ or use compile: off"
+            )
+    elif device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ClipAdaptError(
+                f"compile={mode!r} on CUDA needs triton (inductor writes its GPU kernels in it): "
+                "pip install triton (the version of your torch build) or use compile: off"
+            )
+    _COMPILERS_OK.add(device.type)
 
 
 def _check_one_seam(prompts: KVPrompts | None, lora: QKVDeltas | None) -> None:
