@@ -97,7 +97,9 @@ class AdaptationModule(L.LightningModule):
 
     # Arguments that may differ from a checkpoint's when it is evaluated (`clipadapt test --ckpt_path`):
     # they only shape the evaluation. Any other model argument is the checkpoint's (the CLI refuses a change).
-    test_time_args: ClassVar[frozenset[str]] = frozenset({"prompts", "pretrained", "attention", "compile"})
+    test_time_args: ClassVar[frozenset[str]] = frozenset(
+        {"prompts", "pretrained", "attention", "compile", "text_chunk"}
+    )
     # Towers whose layer seams (K/V or deep prompts, learned text context, low-rank deltas) the method uses:
     # other towers (timm, ResNet, Hugging Face, CustomTextCLIP) are refused at construction, in one line.
     native_towers: ClassVar[tuple[str, ...]] = ()
@@ -117,6 +119,7 @@ class AdaptationModule(L.LightningModule):
         model_config: str | None = None,
         attention: str = "module",
         compile: str = "off",
+        text_chunk: int = 0,
     ) -> None:
         """
         Args:
@@ -140,6 +143,9 @@ class AdaptationModule(L.LightningModule):
                 paths (prompted / low-rank paths stay eager); equal up to rounding, and it pays only on some
                 devices and sizes (README "Speed", benchmarks/compile.py). It compiles functions, not modules,
                 so checkpoints are unchanged.
+            text_chunk: 0 (off), or while the text side trains, encode the classes this many sequences at a
+                time, each chunk recomputed in backward (activation checkpointing): text memory follows the
+                chunk, not the class count (ImageNet's 1000 classes); equal up to rounding, slower per step.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -149,7 +155,7 @@ class AdaptationModule(L.LightningModule):
             )
         templates_for(prompts, templates)  # fail now, not at the first step, on an unknown template set
         self.clip = CLIPBackbone(
-            arch, pretrained, model_config=model_config, attention=attention, compile=compile
+            arch, pretrained, model_config=model_config, attention=attention, compile=compile, text_chunk=text_chunk
         ).requires_grad_(False)
         self.clip.require_native(type(self).__name__, self.native_towers)
         _warn_on_other_normalisation(self.clip)

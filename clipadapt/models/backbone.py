@@ -163,6 +163,7 @@ class CLIPBackbone(nn.Module):
         model_config: str | None = None,
         attention: str = "module",
         compile: str = "off",
+        text_chunk: int = 0,
     ) -> None:
         """Build `arch` (or the model of a `model_config` JSON file) with weights from an open_clip tag, a file, or None.
 
@@ -184,6 +185,9 @@ class CLIPBackbone(nn.Module):
             )
         self.attention = attention
         self.compile_mode = compile  # not `self.compile`: that is nn.Module's own method
+        if text_chunk < 0:
+            raise ValueError(f"text_chunk must be 0 (off) or a number of sequences, got {text_chunk}")
+        self.text_chunk = text_chunk
         spec = _resolve(arch, pretrained, model_config, cache_dir)
         self.arch: str = spec.arch  # the name the user knows it by (the JSON file's stem for `model_config`)
         kwargs = dict(spec.kwargs)
@@ -318,6 +322,11 @@ class CLIPBackbone(nn.Module):
     ) -> Tensor:
         """(N, 77) token ids -> (N, D); mirrors CLIP.encode_text, optionally cut after the last EOT and prompted."""
         _check_one_seam(prompts, lora)
+        return self._text_in_chunks(self._encode_text, (tokens,), normalize, truncate, prompts, lora)
+
+    def _encode_text(
+        self, tokens: Tensor, normalize: bool, truncate: bool, prompts: KVPrompts | None, lora: QKVDeltas | None
+    ) -> Tensor:
         model = self.model
         if not self.text_native:
             if prompts is not None or lora is not None:
@@ -350,6 +359,24 @@ class CLIPBackbone(nn.Module):
         The tower adds its positional embeddings, runs under its causal mask and pools at `eot`;
         `truncate` cuts every column after the last EOT (exact: causal). `deep` as in the module docstring.
         """
+        return self._text_in_chunks(self._encode_text_embeddings, (embeddings, eot), normalize, truncate, deep)
+
+    def _text_in_chunks(self, encode: Callable[..., Tensor], rows: tuple[Tensor, ...], *shared: Any) -> Tensor:
+        """`encode(*rows, *shared)`; under grad with more than `text_chunk` rows, chunk by chunk, each recomputed in backward.
+
+        Only a chunk's inputs and (N, D) outputs are kept between forward and backward, so the text side's
+        activation memory follows `text_chunk`, not the class count (1000 ImageNet classes in one step).
+        A chunk truncates at its own last EOT, which is exact under the causal mask; the non-reentrant
+        checkpoint replays a chunk's RNG state, so dropout draws the same masks in the recomputation.
+        """
+        if not self.text_chunk or rows[0].shape[0] <= self.text_chunk or not torch.is_grad_enabled():
+            return encode(*rows, *shared)
+        chunks = zip(*(row.split(self.text_chunk) for row in rows), strict=True)
+        return torch.cat([checkpoint(encode, *chunk, *shared, use_reentrant=False) for chunk in chunks])
+
+    def _encode_text_embeddings(
+        self, embeddings: Tensor, eot: Tensor, normalize: bool, truncate: bool, deep: Sequence[Tensor | None] | None
+    ) -> Tensor:
         if not self.text_native:
             raise self._no_seam("text", "learned text context (encode_text_embeddings)")
         model = self.model
