@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from clipadapt.methods import CLIPAST, FT, Adapt, CoCoOp, CoOp, MaPLe
+from clipadapt.methods import CLIPAST, FT, Adapt, CLIPLoRA, CoCoOp, CoOp, MaPLe
+from clipadapt.models import backbone
 
 CLASSES = [f"class {name}" for name in "abcdefghijk"]  # 11 classes: chunks of 4, 4 and 3
 
@@ -39,6 +40,17 @@ def test_chunked_text_equals_one_pass_forward_and_gradients(cls, kwargs):
     for name, grad in one_grads.items():  # summed in another order: 1e-5 of the gradient's scale
         scale = grad.abs().max().item()
         torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_a_recomputed_chunk_replays_its_dropout_masks(monkeypatch):
+    """CLIP-LoRA's dropout: a chunk draws its own masks (other draws than one pass, the same distribution),
+    and its recomputation in backward replays them: equal to the same chunks kept without recomputation."""
+    _, recomputed = embeddings_and_grads(CLIPLoRA, 4)
+    monkeypatch.setattr(backbone, "checkpoint", lambda encode, *args, use_reentrant: encode(*args))
+    _, kept = embeddings_and_grads(CLIPLoRA, 4)
+    assert any(name.startswith("lora.") and "text" in name for name in kept)
+    for name, grad in kept.items():
+        torch.testing.assert_close(recomputed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_chunks_are_recomputed_in_backward_only_under_grad():

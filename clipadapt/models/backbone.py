@@ -367,7 +367,8 @@ class CLIPBackbone(nn.Module):
         Only a chunk's inputs and (N, D) outputs are kept between forward and backward, so the text side's
         activation memory follows `text_chunk`, not the class count (1000 ImageNet classes in one step).
         A chunk truncates at its own last EOT, which is exact under the causal mask; the non-reentrant
-        checkpoint replays a chunk's RNG state, so dropout draws the same masks in the recomputation.
+        checkpoint replays a chunk's RNG state, so dropout draws the same masks in the recomputation
+        (CLIP-LoRA's dropout: each chunk draws its own masks, the same distribution as one pass, other draws).
         """
         if not self.text_chunk or rows[0].shape[0] <= self.text_chunk or not torch.is_grad_enabled():
             return encode(*rows, *shared)
