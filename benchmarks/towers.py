@@ -1,24 +1,35 @@
 """Benchmark: the image and text towers — clipadapt's encoders vs open_clip's vs OpenAI's layout, one run.
 
     python benchmarks/towers.py                              # ViT-B-16, batch 8 images / 100 prompts, CPU
-    python benchmarks/towers.py --arch ViT-B-16 --batch 8 --repeats 5 --device cuda
+    python benchmarks/towers.py --arch ViT-B-16 --batch 8 --repeats 5 --train 4 --device cuda
 
-Random init weights (the cost does not depend on the values). Four image paths on the same weights:
-`CLIPBackbone.encode_image` (clipadapt, `attention="module"` and `"sdpa"`), `model.encode_image` (open_clip's own forward), and a small
-re-implementation of OpenAI's `clip` VisionTransformer layout (sequence-first (L, N, W) tensors through
-`nn.MultiheadAttention(batch_first=False)`, the module OpenAI's ResidualAttentionBlock uses). The
-text line compares clipadapt's EOT-truncated `encode_text` with open_clip's. Timings are interleaved
-(A B C, A B C, ...) and the median is printed, with the max difference of the outputs against open_clip.
+Random init weights (the cost does not depend on the values), the same weights on every path:
+- `open_clip`: the model's own `encode_image` / `encode_text`;
+- `openai layout`: a small re-implementation of OpenAI's `clip` towers (sequence-first (L, N, W) tensors
+  through `nn.MultiheadAttention(batch_first=False)`, as OpenAI's ResidualAttentionBlock; the text tower
+  on all 77 columns under the additive causal mask);
+- `clipadapt module`: `CLIPBackbone(attention="module")`, open_clip's blocks (bit-exact);
+- `clipadapt default`: `CLIPBackbone()` (`attention="sdpa"`): batch-first over SDPA, oneDNN projections on x86;
+- `default, MKL GEMM` (image only): the default path with F.linear (MKL's sgemm on CPU) for its projections,
+  which splits the default's gain into the GEMM backend and the rest.
+clipadapt's text rows cut after the last EOT (its `encode_text` default); `default, 77 tokens` does the
+same work as the references. Timings are interleaved (A B C, A B C, ...), each line the median of
+--repeats, with the max |difference| of the outputs against open_clip's. Ratios are against the faster of
+open_clip and OpenAI's layout in the same run; the machine and its load are printed before and after.
 """
 
 import argparse
 import statistics
+from collections.abc import Callable
 
 import torch
 from machine import describe, seconds
 from torch import Tensor, nn
 
+import clipadapt.models.backbone as backbone_module
 from clipadapt.models import CLIPBackbone
+
+REFERENCES = ("open_clip", "openai layout")
 
 
 class OpenAIBlock(nn.Module):
@@ -31,9 +42,9 @@ class OpenAIBlock(nn.Module):
         self.attn.load_state_dict(block.attn.state_dict())
         self.ln_1, self.ln_2, self.mlp = block.ln_1, block.ln_2, block.mlp
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         h = self.ln_1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=attn_mask)[0]
         return x + self.mlp(self.ln_2(x))
 
 
@@ -57,12 +68,54 @@ class OpenAIVisual(nn.Module):
         return x @ v.proj
 
 
-def interleaved(fns: dict[str, object], repeats: int, device: torch.device) -> dict[str, float]:
+class OpenAIText(nn.Module):
+    """OpenAI's CLIP.encode_text on open_clip's weights: (L, N, W) blocks under the additive causal mask, 77 columns."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.blocks = nn.ModuleList(OpenAIBlock(b) for b in model.transformer.resblocks)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        m = self.model
+        x = (m.token_embedding(tokens) + m.positional_embedding).permute(1, 0, 2)  # (L, N, W)
+        for block in self.blocks:
+            x = block(x, attn_mask=m.attn_mask)
+        x = m.ln_final(x.permute(1, 0, 2))  # (N, L, W)
+        return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ m.text_projection
+
+
+class MKLGemm:
+    """The default path with F.linear for its projections (for the attribution line), while inside."""
+
+    def __enter__(self) -> None:
+        self.saved, backbone_module._ONEDNN = backbone_module._ONEDNN, False
+
+    def __exit__(self, *exc: object) -> None:
+        backbone_module._ONEDNN = self.saved
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per path, the paths timed in turn (A B C, A B C, ...) after one warm-up call each."""
+    for fn in fns.values():
+        fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name] += seconds(fn, 1, device)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def report(title: str, timed: dict[str, float], count: int, unit: str, diffs: dict[str, float] | None = None) -> None:
+    """One line per path (seconds, rate, max |diff|), then each clipadapt path against the faster reference."""
+    print(title)
+    for name, s in timed.items():
+        diff = f"  max |diff| vs open_clip {diffs[name]:.1e}" if diffs and name in diffs else ""
+        print(f"  {name:19s} {s:7.3f} s  {count / s:8.1f} {unit}/s{diff}")
+    fastest = min(timed[name] for name in REFERENCES if name in timed)
+    for name, s in timed.items():
+        if name not in REFERENCES:
+            print(f"  {name} / faster of open_clip and OpenAI's layout = {fastest / s:.2f}x")
 
 
 def main() -> None:
@@ -77,60 +130,59 @@ def main() -> None:
     device = torch.device(args.device)
     print(describe(device))
     torch.manual_seed(0)
-    backbone = CLIPBackbone(args.arch, None).to(device).eval()
-    model = backbone.model
-    fused = CLIPBackbone(args.arch, None, attention="sdpa").to(device).eval()
-    fused.model = model  # the same weights
-    openai = OpenAIVisual(model.visual).to(device).eval()
-    size = backbone.image_size
+    default = CLIPBackbone(args.arch, None).to(device).eval()
+    model = default.model
+    module = CLIPBackbone(args.arch, None, attention="module").to(device).eval()
+    module.model = model  # the same weights
+    openai, openai_text = OpenAIVisual(model.visual).to(device).eval(), OpenAIText(model).to(device).eval()
+    size = default.image_size
     images = torch.randn(args.batch, 3, size, size, device=device)
-    tokens = backbone.tokenize([f"a photo of a class number {i}." for i in range(args.prompts)]).to(device)
+    tokens = default.tokenize([f"a photo of a class number {i}." for i in range(args.prompts)]).to(device)
+
+    def default_mkl() -> Tensor:
+        with MKLGemm():
+            return default.encode_image(images, normalize=False)
+
+    image = {
+        "open_clip": lambda: model.encode_image(images),
+        "openai layout": lambda: openai(images),
+        "clipadapt module": lambda: module.encode_image(images, normalize=False),
+        "clipadapt default": lambda: default.encode_image(images, normalize=False),
+        "default, MKL GEMM": default_mkl,
+    }
+    text = {
+        "open_clip": lambda: model.encode_text(tokens),
+        "openai layout": lambda: openai_text(tokens),
+        "clipadapt module": lambda: module.encode_text(tokens, normalize=False),
+        "clipadapt default": lambda: default.encode_text(tokens, normalize=False),
+        "default, 77 tokens": lambda: default.encode_text(tokens, normalize=False, truncate=False),
+    }
     with torch.no_grad():
-        reference = model.encode_image(images)
-        diffs = {
-            "clipadapt": (backbone.encode_image(images, normalize=False) - reference).abs().max().item(),
-            "clipadapt sdpa": (fused.encode_image(images, normalize=False) - reference).abs().max().item(),
-            "openai layout": (openai(images) - reference).abs().max().item(),
-        }
-        image = {"clipadapt": lambda: backbone.encode_image(images, normalize=False),
-                 "clipadapt sdpa": lambda: fused.encode_image(images, normalize=False),
-                 "open_clip": lambda: model.encode_image(images), "openai layout": lambda: openai(images)}  # fmt: skip
-        for fn in image.values():
-            fn()  # warm-up
-        timed = interleaved(image, args.repeats, device)
-        text = {"clipadapt": lambda: backbone.encode_text(tokens, normalize=False),
-                "clipadapt sdpa": lambda: fused.encode_text(tokens, normalize=False),
-                "open_clip": lambda: model.encode_text(tokens)}  # fmt: skip
-        for fn in text.values():
-            fn()
+        image_diffs = {name: (fn() - image["open_clip"]()).abs().max().item() for name, fn in image.items()}
+        text_diffs = {name: (fn() - text["open_clip"]()).abs().max().item() for name, fn in text.items()}
+        image_timed = interleaved(image, args.repeats, device)
         text_timed = interleaved(text, args.repeats, device)
-    fastest_other = min(timed["open_clip"], timed["openai layout"])
-    print(f"{args.arch} encode_image, batch {args.batch} (median of {args.repeats}):")
-    for name, s in timed.items():
-        diff = f"  max |diff| vs open_clip {diffs[name]:.1e}" if name in diffs else ""
-        print(f"  {name:14s} {s:7.3f} s  {args.batch / s:8.1f} images/s{diff}")
-    for name in ("clipadapt", "clipadapt sdpa"):
-        print(f"  {name} / fastest of open_clip and OpenAI's layout = {fastest_other / timed[name]:.2f}x")
-    print(f"{args.arch} encode_text, {args.prompts} prompts:")
-    for name, s in text_timed.items():
-        print(f"  {name:14s} {s:7.3f} s  {args.prompts / s:8.1f} prompts/s")
-    for name in ("clipadapt", "clipadapt sdpa"):
-        print(f"  {name} / open_clip = {text_timed['open_clip'] / text_timed[name]:.2f}x")
+    report(f"{args.arch} encode_image, batch {args.batch}, no grad (median of {args.repeats}):", image_timed,
+           args.batch, "images", image_diffs)  # fmt: skip
+    report(f"{args.arch} encode_text, {args.prompts} prompts, no grad:", text_timed, args.prompts, "prompts",
+           text_diffs)  # fmt: skip
     if args.train:  # forward + backward through the whole image tower (full fine-tuning's cost)
         model.requires_grad_(True)
         batch = images[: args.train]
 
-        def step(backbone: CLIPBackbone) -> None:
-            backbone.encode_image(batch).square().sum().backward()
+        def step(encode: Callable[[Tensor], Tensor]) -> None:
+            encode(batch).square().sum().backward()
             model.zero_grad(set_to_none=True)
 
-        train = interleaved({"clipadapt": lambda: step(backbone), "clipadapt sdpa": lambda: step(fused),
-                             "open_clip": lambda: model.encode_image(batch).square().sum().backward()}, args.repeats,
-                            device)  # fmt: skip
-        print(f"{args.arch} image tower forward + backward, batch {args.train}:")
-        for name, s in train.items():
-            print(f"  {name:14s} {s:7.3f} s  {args.train / s:8.1f} images/s")
-        print(f"  clipadapt sdpa / clipadapt = {train['clipadapt'] / train['clipadapt sdpa']:.2f}x")
+        train = {
+            "open_clip": lambda: step(model.encode_image),
+            "openai layout": lambda: step(openai),
+            "clipadapt module": lambda: step(lambda x: module.encode_image(x, normalize=False)),
+            "clipadapt default": lambda: step(lambda x: default.encode_image(x, normalize=False)),
+        }
+        report(f"{args.arch} image tower forward + backward, batch {args.train}:",
+               interleaved(train, args.repeats, device), args.train, "images")  # fmt: skip
+    print(describe(device))
 
 
 if __name__ == "__main__":

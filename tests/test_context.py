@@ -25,7 +25,8 @@ TRUNCATION_ATOL = 1e-5
 @pytest.fixture(scope="module")
 def tiny() -> CLIPBackbone:
     torch.manual_seed(0)
-    return CLIPBackbone("clipadapt-tiny", pretrained=None).eval()
+    # open_clip's own blocks, so the seams can be bit-identical to open_clip's forward with hooks
+    return CLIPBackbone("clipadapt-tiny", pretrained=None, attention="module").eval()
 
 
 @contextmanager
@@ -212,6 +213,9 @@ def test_deep_image_prompts_match_hooks_in_open_clip(tiny: CLIPBackbone, depth: 
         expected = reference_image(tiny, images, deep)
     # Same modules on the same token sequence, in the same order: bit-identical.
     assert torch.equal(ours, expected)
+    fused = CLIPBackbone("clipadapt-tiny", pretrained=None).eval()  # the default sdpa path: up to float rounding
+    fused.load_state_dict(tiny.state_dict())
+    torch.testing.assert_close(fused.encode_image(images, deep=deep), expected, atol=1e-5, rtol=0)
     assert not torch.allclose(ours, tiny.encode_image(images), atol=1e-3)
 
 

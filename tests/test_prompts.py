@@ -36,7 +36,9 @@ def test_all_masks_off_equals_the_frozen_backbone_bit_for_bit(clip: CLIPBackbone
     images, tokens = torch.randn(2, 3, 32, 32), clip.tokenize(TEXTS)
     for got, want in zip(outputs(clip, prompts, images, tokens), outputs(clip, None, images, tokens), strict=True):
         assert torch.equal(got, want)
-    assert torch.equal(clip.encode_image(images, normalize=False), clip.model.encode_image(images))
+    # ... and the frozen backbone is open_clip's (its default sdpa path: up to float rounding)
+    torch.testing.assert_close(clip.encode_image(images, normalize=False), clip.model.encode_image(images),
+                               atol=1e-5, rtol=0)  # fmt: skip
 
 
 def test_live_prompts_change_the_outputs(clip: CLIPBackbone):

@@ -117,7 +117,7 @@ class AdaptationModule(L.LightningModule):
         warmup_lr: float = 1e-5,
         schedule: str = "cosine",
         model_config: str | None = None,
-        attention: str = "module",
+        attention: str = "sdpa",
         compile: str = "off",
         text_chunk: int = 0,
     ) -> None:
@@ -137,8 +137,9 @@ class AdaptationModule(L.LightningModule):
             schedule: `cosine` (to 0 at the end of the stage) or `constant`.
             model_config: an open_clip model config JSON of one's own; the model is registered and built under
                 the file's stem, which replaces `arch`.
-            attention: `module` (open_clip's nn.MultiheadAttention, bit-exact with open_clip) or `sdpa` (the
-                attention spelled out over fused scaled-dot-product kernels: equal up to rounding, faster).
+            attention: `sdpa` (the blocks spelled out batch-first over fused scaled-dot-product kernels, oneDNN
+                projections on an x86 CPU: equal to open_clip up to float rounding, faster) or `module` (open_clip's
+                nn.MultiheadAttention blocks, bit-exact with open_clip). No parameter depends on it.
             compile: `off`, or a torch.compile mode (`default`, `max-autotune-no-cudagraphs`) for the towers' plain
                 paths (prompted / low-rank paths stay eager); equal up to rounding, and it pays only on some
                 devices and sizes (README "Speed", benchmarks/compile.py). It compiles functions, not modules,

@@ -46,10 +46,20 @@ Low-rank q/k/v deltas enter through `lora=` (an object with `qkv_delta(tower, la
 a delta that depends on the input (LoRA's dropout); a plain weight change (merged LoRA) goes through
 the unchanged path with replaced weights instead (`qkv_weights` names them).
 
-Plain blocks run as open_clip's modules by default (`attention="module"`); `attention="sdpa"` runs them
-through the explicit batch-first attention of the low-rank path with no delta (fused SDPA kernels,
-no seq-first round trips inside nn.MultiheadAttention): equal up to float rounding, faster
-(benchmarks/towers.py; tests/test_towers.py holds the tolerance).
+Plain blocks run by default (`attention="sdpa"`) through the explicit batch-first block of the low-rank
+path with no delta (`_low_rank_block`): no seq-first round trips inside nn.MultiheadAttention, and
+- F.scaled_dot_product_attention gets what CUDA's flash / memory-efficient kernels need in bf16/fp16:
+  no mask in the image tower, `is_causal=True` instead of the additive (L, L) mask in the text tower
+  when that mask is open_clip's plain causal one (checked once at construction; the prompted block
+  keeps its [0 | causal] mask), and q, k, v as (B, H, L, W/H) views with unit last stride (copies to
+  contiguous tensors measured slower on CPU, and the kernels take the views as they are);
+- the four projections per block go through `_linear`: oneDNN's fp32 GEMM on an x86 CPU for GEMMs of
+  2^20 multiply-adds and more (with its exact-GELU post-op without gradients), F.linear elsewhere (GPU,
+  autocast, small GEMMs). On this project's AMD EPYC MKL's sgemm, which F.linear and
+  nn.MultiheadAttention use, runs at about half oneDNN's rate: that is most of the default's lead.
+Equal to open_clip up to float rounding (~1e-6; tests/test_towers.py holds the tolerance), faster
+(benchmarks/towers.py). `attention="module"` runs open_clip's own modules instead, bit-exact. The
+option changes no parameter: state dicts, checkpoints and exports are the same under both.
 
 `compile` (off by default) runs the plain path of each native tower through `torch.compile` (inductor,
 `fullgraph=True`, `dynamic=None`): the image tower from patch embedding to the projection
@@ -67,7 +77,7 @@ eager up to float rounding (tests/test_compile.py); where it pays: benchmarks/co
 With no prompts and `attention="module"`, `encode_image` and `encode_text(..., truncate=False)` are bit-identical to
 open_clip's own `encode_image` / `encode_text` in fp32; tests/test_backbone.py guards this, and
 tests/test_context.py checks the context and deep seams against open_clip's own forward with hooks.
-Bump the pin only with both green.
+Bump the pin only with both green (and tests/test_towers.py, which also reads `mkldnn::_linear_pointwise`).
 
 Deliberate choices:
 - `encode_text(truncate=True)` cuts the sequence after the last EOT of the batch. The text tower is
@@ -161,17 +171,20 @@ class CLIPBackbone(nn.Module):
         pretrained: str | None = "openai",
         cache_dir: str | None = None,
         model_config: str | None = None,
-        attention: str = "module",
+        attention: str = "sdpa",
         compile: str = "off",
         text_chunk: int = 0,
     ) -> None:
         """Build `arch` (or the model of a `model_config` JSON file) with weights from an open_clip tag, a file, or None.
 
-        `attention`: `module` runs each plain block of a native tower as open_clip does (nn.MultiheadAttention;
-        bit-exact with open_clip), `sdpa` spells its attention out batch-first over F.scaled_dot_product_attention
-        (fused kernels, no layout round trips; equal up to float rounding, faster: benchmarks/towers.py).
+        `attention`: `sdpa` (default) spells each plain block of a native tower out batch-first over
+        F.scaled_dot_product_attention (fused kernels, oneDNN projections on an x86 CPU; equal to open_clip up
+        to float rounding, faster: benchmarks/towers.py); `module` runs the blocks as open_clip does
+        (nn.MultiheadAttention; bit-exact with open_clip). No parameter depends on it.
         `compile`: `off`, or a torch.compile mode (`default`, `max-autotune-no-cudagraphs`) for the towers'
         plain paths (module docstring; equal up to float rounding; where it pays: benchmarks/compile.py).
+        `text_chunk`: 0 (off), or under grad the text tower runs that many sequences at a time, each chunk
+        recomputed in backward (`_text_in_chunks`).
         """
         super().__init__()
         if attention not in ("module", "sdpa"):
@@ -219,6 +232,8 @@ class CLIPBackbone(nn.Module):
         self.width_image: int | None = visual.transformer.width if self.image_native else None
         self.width_text: int | None = self.model.transformer.width if self.text_native else None
         self.context_length: int = self.model.context_length
+        # The text mask is open_clip's plain causal one (read once): the sdpa path passes is_causal=True instead.
+        self._causal_text: bool = self.text_native and _is_causal(self.model.attn_mask)
 
     @property
     def native(self) -> bool:
@@ -425,7 +440,8 @@ class CLIPBackbone(nn.Module):
         """The text tower's blocks, then ln_final: (N, L, W) -> (N, L, W)."""
         model = self.model
         if prompts is None and deep is None and lora is None:
-            return self._tower_call(_text_stack, model, x, attn_mask, self.attention)
+            causal = attn_mask is not None and self._causal_text  # a slice of the causal mask is causal
+            return self._tower_call(_text_stack, model, x, attn_mask, self.attention, causal)
         for index, block in enumerate(model.transformer.resblocks):
             if deep is not None and 0 < index < len(deep) and deep[index] is not None:
                 slots = deep[index].shape[0]
@@ -436,7 +452,8 @@ class CLIPBackbone(nn.Module):
             kv = prompts.kv_tokens("text", index) if prompts is not None else None
             if kv is None:
                 delta = lora.qkv_delta("text", index) if lora is not None else None
-                x = _run_block(model.transformer, block, x, attn_mask, delta, self.attention)  # (N, L, W)
+                causal = attn_mask is not None and self._causal_text  # a slice of the causal mask is causal
+                x = _run_block(model.transformer, block, x, attn_mask, delta, self.attention, causal)  # (N, L, W)
             else:
                 x = _run_prompted_block(model.transformer, block, x, kv, attn_mask=attn_mask)  # (N, L, W)
         return model.ln_final(x)
@@ -588,10 +605,10 @@ def _image_tower(visual: nn.Module, images: Tensor, attention: str) -> Tensor:
     return pooled @ visual.proj if visual.proj is not None else pooled  # (B, D)
 
 
-def _text_stack(model: nn.Module, x: Tensor, attn_mask: Tensor | None, attention: str) -> Tensor:
+def _text_stack(model: nn.Module, x: Tensor, attn_mask: Tensor | None, attention: str, causal: bool) -> Tensor:
     """The plain text blocks, then ln_final: (N, L, W) -> (N, L, W) (the unit `compile` compiles)."""
     for block in model.transformer.resblocks:
-        x = _run_block(model.transformer, block, x, attn_mask, None, attention)  # (N, L, W)
+        x = _run_block(model.transformer, block, x, attn_mask, None, attention, causal)  # (N, L, W)
     return model.ln_final(x)
 
 
@@ -647,39 +664,132 @@ def _run_block(
     x: Tensor,
     attn_mask: Tensor | None,
     delta: Callable[[Tensor], Tensor] | None = None,
-    attention: str = "module",
+    attention: str = "sdpa",
+    causal: bool = False,
 ) -> Tensor:
-    """One residual block (with a q/k/v delta if given), honouring open_clip's per-tower gradient-checkpointing flag."""
+    """One residual block (with a q/k/v delta if given), honouring open_clip's per-tower gradient-checkpointing flag.
+
+    `causal`: `attn_mask` is the plain causal mask, so the explicit path passes `is_causal=True` instead of it.
+    """
     checkpointed = transformer.grad_checkpointing and torch.is_grad_enabled()
     if delta is not None or attention == "sdpa":
+        mask = None if causal else attn_mask
         if checkpointed:  # the default RNG-state preservation replays the delta's dropout masks
-            return checkpoint(_low_rank_block, block, x, delta, attn_mask, use_reentrant=False)
-        return _low_rank_block(block, x, delta, attn_mask)
+            return checkpoint(_low_rank_block, block, x, delta, mask, causal, use_reentrant=False)
+        return _low_rank_block(block, x, delta, mask, causal)
     if checkpointed:
         return checkpoint(block, x, None, None, attn_mask, use_reentrant=False)
     return block(x, attn_mask=attn_mask)
 
 
 def _low_rank_block(
-    block: nn.Module, x: Tensor, delta: Callable[[Tensor], Tensor] | None, attn_mask: Tensor | None
+    block: nn.Module,
+    x: Tensor,
+    delta: Callable[[Tensor], Tensor] | None,
+    attn_mask: Tensor | None,
+    causal: bool = False,
 ) -> Tensor:
     """ResidualAttentionBlock.forward with its attention written out, [q | k | v] = LN1(x)·W_inᵀ + b_in (+ delta(LN1(x))).
 
     nn.MultiheadAttention takes only its own in_proj_weight, so an input-dependent addition needs the
     attention spelled out (scaled dot-product, the same heads and out_proj); equal to the block up to
     float rounding without a delta. Batch-first throughout, straight into F.scaled_dot_product_attention
-    (fused kernels): also the `attention="sdpa"` path of a plain block.
+    (no mask, or `is_causal`, so that the flash / memory-efficient kernels apply; q, k, v are (B, H, L, W/H)
+    views of the fused projection with unit last stride, which is what those kernels need); the four
+    projections go through `_linear`. Also the `attention="sdpa"` path of a plain block.
     """
     attn = block.attn
     h = block.ln_1(x)  # (B, L, W)
-    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # (B, L, 3W)
+    qkv = _linear(h, attn.in_proj_weight, attn.in_proj_bias)  # (B, L, 3W)
     if delta is not None:
         qkv = qkv + delta(h)
     q, k, v = qkv.unflatten(-1, (3, attn.num_heads, attn.head_dim)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, W/H)
     mask = attn_mask.to(q.dtype) if attn_mask is not None else None  # additive (L, L), as the block passes it
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, L, W/H)
-    x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).flatten(2)))  # (B, L, W)
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, L, W/H)
+    out = _linear(out.transpose(1, 2).flatten(2), attn.out_proj.weight, attn.out_proj.bias)  # (B, L, W)
+    x = x + block.ls_1(out)
+    return x + block.ls_2(_mlp(block.mlp, block.ln_2(x)))
+
+
+def _mlp(mlp: nn.Module, h: Tensor) -> Tensor:
+    """open_clip's block MLP (c_fc, act, c_proj) with both projections through `_linear`; any other MLP as itself."""
+    fc, proj = getattr(mlp, "c_fc", None), getattr(mlp, "c_proj", None)
+    if not (isinstance(mlp, nn.Sequential) and len(mlp) == 3 and type(fc) is nn.Linear and type(proj) is nn.Linear):
+        return mlp(h)
+    act = mlp[1]
+    if type(act) is nn.GELU and act.approximate == "none":
+        hidden = _linear(h, fc.weight, fc.bias, gelu=True)  # (B, L, 4W)
+    else:
+        hidden = act(_linear(h, fc.weight, fc.bias))  # (B, L, 4W): QuickGELU, ...
+    return _linear(hidden, proj.weight, proj.bias)  # (B, L, W)
+
+
+def _is_causal(mask: Tensor | None) -> bool:
+    """Whether an additive (L, L) mask is exactly the causal one (0 on and below the diagonal, -inf above)."""
+    if mask is None or mask.ndim != 2 or mask.shape[0] != mask.shape[1] or not mask.is_floating_point():
+        return False
+    above = torch.ones_like(mask, dtype=torch.bool).triu(1)
+    return bool((mask[above] == float("-inf")).all() and (mask[~above] == 0).all())
+
+
+# oneDNN's fp32 GEMM (`mkldnn::_linear_pointwise`, Inductor's CPU linear) next to MKL's sgemm, which F.linear uses:
+# on this project's AMD EPYC (AVX-512) it runs a ViT-B tower's projections about 2.2x faster (benchmarks/towers.py),
+# IEEE fp32 either way (equal up to summation order). x86 only, where it was measured; elsewhere F.linear.
+_ONEDNN = (
+    os.uname().machine in ("x86_64", "AMD64")
+    and torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
+# Below about 2^20 multiply-adds per GEMM oneDNN's call overhead (~15 us) outweighs its speed (MKL wins on tiny towers).
+_ONEDNN_MIN_MACS = 2**20
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
+    """F.linear(x, weight, bias) (then exact GELU if `gelu`), through oneDNN for fp32 on an x86 CPU.
+
+    Under autocast F.linear runs (autocast does not know the oneDNN op). Without gradients the GELU is
+    oneDNN's post-op of the same GEMM (one pass less over the (B, L, 4W) activations).
+    """
+    if not (
+        _ONEDNN
+        and torch.backends.mkldnn.enabled
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and x.numel() * weight.shape[0] >= _ONEDNN_MIN_MACS  # rows x in x out
+    ):
+        y = F.linear(x, weight, bias)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        y = _OneDNNLinear.apply(x, weight, bias)
+    elif gelu:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
+    else:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.gelu(y) if gelu else y
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b with oneDNN's GEMM forward and backward (the op itself has no autograd formula)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        flat = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        dnn = torch.ops.mkldnn._linear_pointwise
+        grad_x = dnn(grad, weight.t(), None, "none", [], "") if ctx.needs_input_grad[0] else None  # (..., in)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = dnn(flat.t(), x.reshape(-1, x.shape[-1]).t(), None, "none", [], "")  # (out, in)
+        grad_b = flat.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
 
 
 def _run_prompted_block(

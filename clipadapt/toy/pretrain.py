@@ -122,7 +122,8 @@ def pretrain(
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    backbone = CLIPBackbone(ARCH, pretrained=None)
+    # open_clip's own blocks, as when the shipped weights were trained: the same seed gives the same file.
+    backbone = CLIPBackbone(ARCH, pretrained=None, attention="module")
     decay = [p for n, p in backbone.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     other = [p for n, p in backbone.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW(
