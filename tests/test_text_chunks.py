@@ -3,8 +3,10 @@
 import pytest
 import torch
 
+from clipadapt.errors import ClipAdaptError
 from clipadapt.methods import CLIPAST, FT, Adapt, CLIPLoRA, CoCoOp, CoOp, MaPLe
 from clipadapt.models import backbone
+from clipadapt.models.weights import call_with_weights
 
 CLASSES = [f"class {name}" for name in "abcdefghijk"]  # 11 classes: chunks of 4, 4 and 3
 
@@ -51,6 +53,25 @@ def test_a_recomputed_chunk_replays_its_dropout_masks(monkeypatch):
     assert any(name.startswith("lora.") and "text" in name for name in kept)
     for name, grad in kept.items():
         torch.testing.assert_close(recomputed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_lora_without_dropout_trains_the_chunked_text_through_its_branch():
+    """Merged weights (functional_call) are gone by the time a chunk is recomputed: the branch, equal to one pass."""
+    one, one_grads = embeddings_and_grads(CLIPLoRA, 0, lora_dropout=0.0)
+    chunked, chunked_grads = embeddings_and_grads(CLIPLoRA, 4, lora_dropout=0.0)
+    assert any(name.startswith("lora.") and "text" in name for name in one_grads)
+    torch.testing.assert_close(chunked, one, rtol=1e-5, atol=1e-6)
+    for name, grad in one_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
+
+
+def test_a_chunk_recomputed_under_other_weights_is_refused():
+    model = FT(CLASSES, ["{}"], arch="clipadapt-tiny", pretrained=None, prompts="simple", text_chunk=4)
+    swapped = {name: p.detach().clone().requires_grad_(True) for name, p in model.clip.model.named_parameters()}
+    tokens = model.clip.tokenize(CLASSES)
+    features = call_with_weights(model.clip.model, swapped, model.clip.encode_text, tokens)
+    with pytest.raises(ClipAdaptError, match="text_chunk"):
+        features.sum().backward()
 
 
 def test_chunks_are_recomputed_in_backward_only_under_grad():

@@ -384,11 +384,26 @@ class CLIPBackbone(nn.Module):
         A chunk truncates at its own last EOT, which is exact under the causal mask; the non-reentrant
         checkpoint replays a chunk's RNG state, so dropout draws the same masks in the recomputation
         (CLIP-LoRA's dropout: each chunk draws its own masks, the same distribution as one pass, other draws).
+        A recomputation sees the module's weights as they are in backward: after a forward inside
+        `torch.func.functional_call` (`models.weights.call_with_weights`) those are no longer the swapped
+        ones, and the gradients would be silently wrong, so the recomputation refuses that instead.
         """
         if not self.text_chunk or rows[0].shape[0] <= self.text_chunk or not torch.is_grad_enabled():
             return encode(*rows, *shared)
+        weights = list(self.model.parameters())  # the tensors this forward runs with (swapped ones included)
+
+        def run(*args: Any) -> Tensor:
+            now = list(self.model.parameters())
+            if len(now) != len(weights) or any(a is not b for a, b in zip(now, weights, strict=True)):
+                raise ClipAdaptError(
+                    "a checkpointed text chunk (text_chunk) would be recomputed under other weights than its "
+                    "forward's, which ran inside torch.func.functional_call: train through a seam (prompts=, "
+                    "lora=) instead of swapped weights, or set text_chunk 0"
+                )
+            return encode(*args)
+
         chunks = zip(*(row.split(self.text_chunk) for row in rows), strict=True)
-        return torch.cat([checkpoint(encode, *chunk, *shared, use_reentrant=False) for chunk in chunks])
+        return torch.cat([checkpoint(run, *chunk, *shared, use_reentrant=False) for chunk in chunks])
 
     def _encode_text_embeddings(
         self, embeddings: Tensor, eot: Tensor, normalize: bool, truncate: bool, deep: Sequence[Tensor | None] | None

@@ -14,7 +14,9 @@ classes): set `trainer.max_epochs` per dataset (configs/clip_lora_fewshot.yaml l
 
 Evaluation and export use the merged weights W + s·BA (dropout is off at test time, so they are the
 trained model exactly): `clipadapt export` writes a plain open_clip state dict. Training with dropout
-takes the backbone's explicit q/k/v branch; without dropout it trains through the merged weights.
+takes the backbone's explicit q/k/v branch; without dropout it trains through the merged weights, except
+the text tower under `text_chunk`: a checkpointed chunk is recomputed in backward, after the merged
+weights are swapped out again, so it trains through the branch (equal up to rounding).
 
 Deviations, on purpose: the logit scale is CLIP's own exp(logit_scale) (100 for OpenAI weights; the
 public code hard-codes 100); the cosine schedule ends at 0 (public code: 1e-6); bf16 autocast from
@@ -70,7 +72,8 @@ class CLIPLoRA(AdaptationModule):
         """`fn(*args)` of the backbone with LoRA: the dropout branch in training, else the merged weights."""
         if tower not in self.lora.towers:
             return fn(*args)  # a tower without LoRA (which may have no layer loop: a ResNet under encoders=text)
-        if self.training and self.lora.dropout > 0:
+        chunked = tower == "text" and self.clip.text_chunk > 0  # recomputed in backward: no swapped weights
+        if self.training and (self.lora.dropout > 0 or chunked):
             return fn(*args, lora=self.lora)
         return call_with_weights(self.clip.model, self.lora.merged_weights(self.clip), fn, *args)
 
