@@ -772,6 +772,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) 
         and x.dtype == weight.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
         and x.numel() * weight.shape[0] >= _ONEDNN_MIN_MACS  # rows x in x out
+        and not torch.compiler.is_compiling()  # inductor picks its own GEMMs (its oneDNN lowering wants frozen weights)
     ):
         y = F.linear(x, weight, bias)
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
