@@ -114,3 +114,11 @@ def test_onednn_projection_equals_f_linear_forward_and_backward(gelu: bool):
 def test_an_unknown_attention_is_one_clear_error():
     with pytest.raises(ValueError, match="attention must be 'module' or 'sdpa'"):
         CLIPBackbone("clipadapt-tiny", None, attention="flash")
+
+
+def test_projections_under_torch_func_transforms_fall_back_to_f_linear():
+    x, weight = torch.randn(3, 64, 128), torch.randn(128, 128)  # oneDNN's side of the threshold
+    per_row = torch.func.vmap(lambda row: _linear(row, weight, None))(x)
+    torch.testing.assert_close(per_row, F.linear(x, weight), atol=1e-4, rtol=1e-5)
+    grad = torch.func.grad(lambda w: _linear(x, w, None).square().sum())(weight)
+    torch.testing.assert_close(grad, 2 * F.linear(x, weight).flatten(0, 1).T @ x.flatten(0, 1), atol=1e-2, rtol=1e-4)

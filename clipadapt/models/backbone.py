@@ -98,6 +98,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -751,7 +752,7 @@ def _is_causal(mask: Tensor | None) -> bool:
 # on this project's AMD EPYC (AVX-512) it runs a ViT-B tower's projections about 2.2x faster (benchmarks/towers.py),
 # IEEE fp32 either way (equal up to summation order). x86 only, where it was measured; elsewhere F.linear.
 _ONEDNN = (
-    os.uname().machine in ("x86_64", "AMD64")
+    platform.machine() in ("x86_64", "AMD64")
     and torch.backends.mkldnn.is_available()
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 )
@@ -762,8 +763,8 @@ _ONEDNN_MIN_MACS = 2**20
 def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) -> Tensor:
     """F.linear(x, weight, bias) (then exact GELU if `gelu`), through oneDNN for fp32 on an x86 CPU.
 
-    Under autocast F.linear runs (autocast does not know the oneDNN op). Without gradients the GELU is
-    oneDNN's post-op of the same GEMM (one pass less over the (B, L, 4W) activations).
+    Under autocast, and inside torch.func transforms (vmap, grad), F.linear runs: neither knows the oneDNN
+    op. Without gradients the GELU is oneDNN's post-op of the same GEMM (one pass less over the activations).
     """
     if not (
         _ONEDNN
@@ -773,6 +774,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) 
         and not torch.is_autocast_enabled("cpu")
         and x.numel() * weight.shape[0] >= _ONEDNN_MIN_MACS  # rows x in x out
         and not torch.compiler.is_compiling()  # inductor picks its own GEMMs (its oneDNN lowering wants frozen weights)
+        and not (_functorch_wrapped(x) or _functorch_wrapped(weight))
     ):
         y = F.linear(x, weight, bias)
     elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
@@ -782,6 +784,11 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool = False) 
     else:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.gelu(y) if gelu else y
+
+
+def _functorch_wrapped(t: Tensor) -> bool:
+    """Whether `t` is a torch.func (vmap / grad) wrapper, which the oneDNN op and `_OneDNNLinear` cannot take."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 class _OneDNNLinear(torch.autograd.Function):
