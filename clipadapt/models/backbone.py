@@ -455,8 +455,8 @@ class CLIPBackbone(nn.Module):
     ) -> Tensor:
         """The text tower's blocks, then ln_final: (N, L, W) -> (N, L, W)."""
         model = self.model
+        causal = attn_mask is not None and self._causal_text  # a slice of the causal mask is causal
         if prompts is None and deep is None and lora is None:
-            causal = attn_mask is not None and self._causal_text  # a slice of the causal mask is causal
             return self._tower_call(_text_stack, model, x, attn_mask, self.attention, causal)
         for index, block in enumerate(model.transformer.resblocks):
             if deep is not None and 0 < index < len(deep) and deep[index] is not None:
@@ -468,7 +468,6 @@ class CLIPBackbone(nn.Module):
             kv = prompts.kv_tokens("text", index) if prompts is not None else None
             if kv is None:
                 delta = lora.qkv_delta("text", index) if lora is not None else None
-                causal = attn_mask is not None and self._causal_text  # a slice of the causal mask is causal
                 x = _run_block(model.transformer, block, x, attn_mask, delta, self.attention, causal)  # (N, L, W)
             else:
                 x = _run_prompted_block(model.transformer, block, x, kv, attn_mask=attn_mask)  # (N, L, W)
