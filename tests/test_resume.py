@@ -21,7 +21,7 @@ from doubles import tiny_datamodule
 from clipadapt import checkpoints
 from clipadapt.cli import main
 from clipadapt.data import write_synthetic
-from clipadapt.data.datamodule import EpochSampler, ItemKey
+from clipadapt.data.datamodule import EpochSampler, ItemKey, seed_torch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config", str(REPO / "configs" / "tiny.yaml")]
@@ -222,6 +222,22 @@ def test_randomness_inside_a_step_is_drawn_from_seed_epoch_and_batch(monkeypatch
     torch.manual_seed(4)  # whatever the global RNG held before the step
     assert torch.equal(first, model.training_step(batch, 0))
     assert not torch.equal(first, model.training_step(batch, 1))  # another batch: other dropout masks
+
+
+def test_seed_torch_draws_as_manual_seed_without_queueing_unused_devices(monkeypatch):
+    # torch.manual_seed formats the caller's stack for each lazily seeded device (~0.5 ms per step):
+    # with no device in use, seed_torch seeds the CPU generator alone, to the same draws.
+    torch.manual_seed(7)
+    expected = torch.rand(5)
+    queued = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", queued.append)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    seed_torch(7)
+    assert torch.equal(torch.rand(5), expected)
+    assert queued == []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # a device in use is seeded too
+    seed_torch(8)
+    assert queued == [8]
 
 
 @pytest.mark.slow  # three 2-process runs: make test-slow

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import Metric
 
 from clipadapt.checkpoints import keep_plain
-from clipadapt.data.datamodule import CLIP_MEAN, CLIP_STD, stream_seed
+from clipadapt.data.datamodule import CLIP_MEAN, CLIP_STD, seed_torch, stream_seed
 from clipadapt.data.templates import templates_for
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features import FeatureStore, files_digest, set_key, weights_digest
@@ -452,7 +452,7 @@ class AdaptationModule(L.LightningModule):
         return factor
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        torch.manual_seed(stream_seed(run_seed(), self.current_epoch, batch_idx, self.global_rank))
+        seed_torch(stream_seed(run_seed(), self.current_epoch, batch_idx, self.global_rank))
         images, labels = batch
         losses = self.training_losses(images, labels)
         loss = sum(losses.values())
