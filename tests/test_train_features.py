@@ -165,3 +165,28 @@ def test_only_mode_free_towers_are_looked_up_in_train_mode(tiny_data):
     model.clip.model.visual.transformer.resblocks[0].attn.dropout = 0.1
     assert not model._tower_as_at_inference()
     assert model.eval()._tower_as_at_inference()
+
+
+def test_a_mid_epoch_resume_encodes_the_rest_of_that_epoch(data_root, tmp_path, encoded):
+    """Lightning's batch_idx then counts on from the checkpoint while the loader starts over: rows would be wrong."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = fixed(data_root, tmp_path)
+    save = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)  # 6 steps per epoch
+    torch.manual_seed(0)
+    model = LinearProbe(data.classnames, data.templates, **TINY)
+    L.Trainer(**QUIET | dict(enable_checkpointing=True), devices=1, max_epochs=1, limit_val_batches=0,
+              callbacks=[save], default_root_dir=tmp_path).fit(model, data)  # fmt: skip
+    heads, counts = [], []
+    for lookup in (True, False):
+        model = LinearProbe(data.classnames, data.templates, **TINY)
+        model.lookup_train_features = lookup
+        before = encoded["images"]
+        trainer = L.Trainer(**QUIET, devices=1, max_epochs=EPOCHS, limit_val_batches=0, default_root_dir=tmp_path)
+        with pytest.warns(UserWarning, match="resuming from a checkpoint that ended before the epoch ended"):
+            trainer.fit(model, fixed(data_root, tmp_path), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
+        heads.append(model.head.detach().clone())
+        counts.append(encoded["images"] - before)
+    images = len(data._load()["train"])
+    assert counts == [images // 2 + images, images // 2 + (EPOCHS - 1) * images]  # the rest of epoch 0 encodes
+    torch.testing.assert_close(heads[0], heads[1], atol=1e-6, rtol=0)
