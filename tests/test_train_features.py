@@ -16,7 +16,7 @@ from conftest import TINY
 from doubles import QUIET, tiny_datamodule
 
 from clipadapt.data.datamodule import build_tensor_transform, build_transform
-from clipadapt.methods import FT, LinearProbe, MaPLe, TipAdapterF
+from clipadapt.methods import FT, CLIPAdapter, CoOp, LinearProbe, MaPLe, TipAdapterF
 from clipadapt.methods.rada import RAda
 from clipadapt.models import CLIPBackbone
 
@@ -81,14 +81,15 @@ def test_fixed_train_transform_is_the_evaluation_one(data_root, tmp_path):
     assert repr(cached) == repr(build_tensor_transform(32, train=False))
 
 
-def test_linear_probe_encodes_each_training_image_once(data_root, tmp_path, encoded):
+@pytest.mark.parametrize("method", [LinearProbe, CLIPAdapter, CoOp])  # unit, unnormalized features; text trains
+def test_a_frozen_plain_tower_encodes_each_training_image_once(data_root, tmp_path, encoded, method):
     data = fixed(data_root, tmp_path)
     images = len(data._load()["train"])
     steps = EPOCHS * (images // data.batch_size)
-    once, head = fit(LinearProbe, data, encoded)
-    every, reference = fit(LinearProbe, data, encoded, lookup=False)
+    once, trained = fit(method, data, encoded, optimizer=adam(1e-3))
+    every, reference = fit(method, data, encoded, lookup=False, optimizer=adam(1e-3))
     assert (once, every) == (images, steps * data.batch_size)
-    assert_same(head, reference)
+    assert_same(trained, reference)
 
 
 @pytest.mark.parametrize("chunk", [1, 4])
