@@ -279,17 +279,20 @@ def build_transform(
 
 
 def build_tensor_transform(
-    image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True
+    image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0), flip: bool = True, train: bool = True
 ) -> v2.Compose:
-    """`build_transform(train=True)` on uint8 (3, H, W) tensors (torchvision v2): the same random draws, bicubic.
+    """`build_transform(train)` on uint8 (3, H, W) tensors (torchvision v2): the same random draws, bicubic.
 
     The crop box and the flip come from the same torch RNG calls as the PIL pipeline; the resampling is
     torch's antialiased bicubic instead of PIL's, so pixels differ by rounding (a few levels of 255).
     """
     bicubic = T.InterpolationMode.BICUBIC
-    steps: list = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=bicubic, antialias=True)]
-    if flip:
-        steps.append(v2.RandomHorizontalFlip())
+    if train:
+        steps: list = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=bicubic, antialias=True)]
+        if flip:
+            steps.append(v2.RandomHorizontalFlip())
+    else:
+        steps = [v2.Resize(image_size, interpolation=bicubic, antialias=True), v2.CenterCrop(image_size)]
     return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
 
 
@@ -315,6 +318,7 @@ class CLIPDataModule(L.LightningDataModule):
         image_size: int | None = None,
         train_crop_scale: tuple[float, float] = (0.08, 1.0),
         train_flip: bool = True,
+        train_augment: bool = True,
         cache_dir: str | None = None,
         feature_cache: str | None = None,
         memory_cache_mb: float = 0,
@@ -336,6 +340,12 @@ class CLIPDataModule(L.LightningDataModule):
                 a value the model does not take is refused at setup.
             train_crop_scale: RandomResizedCrop scale range (Dassl (0.08, 1); CLIP-AST (0.5, 1)).
             train_flip: random horizontal flip in training (off for CLIP-CITE).
+            train_augment: False: the train split goes through the evaluation transform (Resize + CenterCrop,
+                as CoOp's linear-probe protocol extracts its features), so `train_crop_scale` and `train_flip`
+                are ignored, and every epoch sees the same pixels. Then a method whose plain image tower is
+                frozen (linear probe, CLIP-Adapter, Tip-Adapter(-F), RAda EFT, CoOp, KgCoOp) encodes the
+                train split once per run (or per sweep, with `feature_cache`) instead of every step
+                (`AdaptationModule.image_features`), and Tip-Adapter's cache is that one pass.
             cache_dir: where few-shot draws are recorded (default ~/.cache/clipadapt/fewshot).
             feature_cache: a folder for the frozen image tower's features of whole evaluation sets, shared by
                 the runs of a sweep (keyed by weights, transform and files: `clipadapt.features`); off by default.
@@ -363,6 +373,7 @@ class CLIPDataModule(L.LightningDataModule):
         self.image_size = image_size
         self.train_crop_scale = train_crop_scale
         self.train_flip = train_flip
+        self.train_augment = train_augment
         self.cache_dir = cache_dir
         self.train_seed: int | None = None  # the run's seed, fixed at the first training loader (state_dict)
         self._start_epoch = 0  # the epoch a resumed fit starts at (state_dict)
@@ -565,10 +576,11 @@ class CLIPDataModule(L.LightningDataModule):
                 self._memory = DecodedImages([d.path for d in items], self.memory_cache_mb)
                 log.info("memory cache: %d of %d training images decoded (%.0f MB)", len(self._memory.images),
                          len(items), self._memory.megabytes)  # fmt: skip
-            transform = build_tensor_transform(self._size(), self.train_crop_scale, self.train_flip)
+            transform = build_tensor_transform(self._size(), self.train_crop_scale, self.train_flip, self.train_augment)
             ds = ImageList(items, transform, memory=self._memory)
         else:
-            ds = ImageList(items, build_transform(self._size(), True, self.train_crop_scale, self.train_flip))
+            transform = build_transform(self._size(), self.train_augment, self.train_crop_scale, self.train_flip)
+            ds = ImageList(items, transform)
         sampler = EpochSampler(ds, self._train_seed())
         # Lightning builds the loader's iterator before its set_epoch, and workers fetch their first batches
         # then: the sampler must already be at the epoch about to run. On resume the trainer's loops are not

@@ -11,6 +11,11 @@ Exact resume: each training step first seeds the global RNG from (run seed, epoc
 what a step draws (CLIP-LoRA's dropout) is the same in a run resumed from a checkpoint as in the
 uninterrupted one; the data stream is seeded the same way (`clipadapt.data.datamodule`).
 
+Train features computed once: with `data.train_augment: false` the train split's transform is
+deterministic, so while the plain image tower is frozen and computes in training what it computes
+in eval mode, a training step's `image_features` of its own images are rows of the whole split's
+features, encoded once (`image_features`).
+
 Deviation from Dassl, on purpose: the warmup + cosine schedule is stepped per optimizer step
 (Dassl steps per epoch); with few-shot data an epoch is a handful of steps, so the curves differ
 only in smoothness.
@@ -19,7 +24,8 @@ only in smoothness.
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
@@ -33,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import Metric
 
 from clipadapt.checkpoints import keep_plain
-from clipadapt.data.datamodule import CLIP_MEAN, CLIP_STD, seed_torch, stream_seed
+from clipadapt.data.datamodule import CLIP_MEAN, CLIP_STD, ItemKey, seed_torch, stream_seed
 from clipadapt.data.templates import templates_for
 from clipadapt.errors import ClipAdaptError
 from clipadapt.features import FeatureStore, files_digest, set_key, weights_digest
@@ -73,6 +79,29 @@ def _warn_on_other_normalisation(clip: CLIPBackbone) -> None:
             f"{clip.arch} was trained with image mean {mean} / std {std}, but clipadapt's data module normalises "
             f"with CLIP's {CLIP_MEAN} / {CLIP_STD}: expect somewhat lower accuracy than with its own normalisation"
         )
+
+
+def _mode_dependent(module: nn.Module) -> bool:
+    """Whether `module` computes otherwise in train than in eval mode: batch statistics, a dropout that drops."""
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        return True
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    if isinstance(module, nn.MultiheadAttention):
+        return module.dropout > 0
+    return isinstance(module, open_clip.transformer.PatchDropout) and module.prob > 0
+
+
+@contextmanager
+def as_at_inference(module: nn.Module) -> Iterator[None]:
+    """Run `module` in eval mode (no BatchNorm statistics used or updated, no dropout), then restore every flag."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 class Top1(Metric):
@@ -171,6 +200,13 @@ class AdaptationModule(L.LightningModule):
         self._feature_store: FeatureStore | None = None
         self._set_keys: dict[tuple, tuple[str, int]] = {}  # (split, loader, normalize) -> (store key, rows)
         self._weights_digest: str | None = None  # of the image tower, once per evaluation epoch
+        # Set False to encode every training step even where the train features could be looked up (tests, benchmarks).
+        self.lookup_train_features = True
+        self._train_images: Tensor | None = None  # the images of the training step running now, if looked up
+        self._train_rows: Tensor | None = None  # their rows in the train split
+        self._train_seen = 0  # loader batches this epoch so far (a mid-epoch restart disagrees with batch_idx)
+        self._train_batches: tuple[int, list[list[int]]] | None = None  # (epoch, its loader batches' rows)
+        self._train_sets: dict[bool, Tensor] = {}  # normalize -> (N, D) features of the train split, this stage
 
     # ---- what a method says ----
 
@@ -196,11 +232,16 @@ class AdaptationModule(L.LightningModule):
         return self.clip.logits(self.image_features(images), text)
 
     def image_features(self, images: Tensor, normalize: bool = True) -> Tensor:
-        """(B, D) features of the plain image tower; an evaluation step's images under a frozen tower are encoded once.
+        """(B, D) features of the plain image tower; a frozen tower's features of a step's own images are encoded once.
 
-        Once per run (validation every epoch) and, with `data.feature_cache`, once per sweep
-        (`clipadapt.features`). Only the step's own images are looked up (not views or crops made from them).
+        Evaluation steps: once per run (validation every epoch) and, with `data.feature_cache`, once per
+        sweep (`clipadapt.features`). Training steps under `data.train_augment: false` (`_train_lookup`).
+        Only the step's own images are looked up (not views or crops made from them).
         """
+        if images is self._train_images and self._train_rows is not None:
+            held = self._train_lookup(normalize)
+            if held is not None:
+                return held[self._train_rows.to(held.device)].to(images.device)
         if images is not self._eval_images or any(p.requires_grad for _, p in self.clip.image_parameters()):
             return self.clip.encode_image(images, normalize=normalize)
         key, total = self._eval_set_key(normalize)
@@ -329,12 +370,15 @@ class AdaptationModule(L.LightningModule):
         precision = str(self.trainer.precision)
         return set_key(self._weights_digest, f"{transform!r}|normalize={normalize}", precision, files_digest(paths))
 
-    def split_features(self, dataset: Any, batch_size: int, normalize: bool = True) -> Tensor:
+    def split_features(self, dataset: Any, batch_size: int, normalize: bool = True, num_workers: int = 0) -> Tensor:
         """(N, D) features of an evaluation-transform dataset (`ImageList`) in order, via the feature store.
 
-        For a method that encodes a whole deterministic split itself (Tip-Adapter's validation search):
-        the same entry as the validation loop's, so a run (and, with `data.feature_cache`, a sweep)
-        encodes the split once. The image tower must be frozen (it is not looked up otherwise).
+        For a method that encodes a whole deterministic split itself (Tip-Adapter's validation search, its
+        cache without augmentation; the train split under `data.train_augment: false`): the same entry as
+        the validation loop's, so a run (and, with `data.feature_cache`, a sweep) encodes the split once.
+        The image tower must be frozen (it is not looked up otherwise). It runs in eval mode, as in the
+        evaluation loops, whatever mode the module is in (a ResNet's BatchNorm uses, and keeps, its
+        running statistics).
         """
         key = ""
         if hasattr(dataset, "items") and not any(p.requires_grad for _, p in self.clip.image_parameters()):
@@ -343,12 +387,71 @@ class AdaptationModule(L.LightningModule):
             held = self._feature_store.get(key)
             if held is not None and len(held) == len(dataset):
                 return held.to(self.device)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-        with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        with torch.no_grad(), self.trainer.precision_plugin.forward_context(), as_at_inference(self.clip.model.visual):
             features = torch.cat([self.clip.encode_image(x.to(self.device), normalize=normalize) for x, _ in loader])
         if key:
             self._feature_store.put(key, features)
         return features
+
+    def _train_lookup(self, normalize: bool) -> Tensor | None:
+        """(N, D) features of the whole train split for this step's lookup, or None where the step must encode.
+
+        Used only while the step's result is the same: no image parameter trains, and the tower computes
+        in this step what it computes in eval mode (the split is encoded in eval mode): it is in eval mode
+        (RAda), or it is a native ViT with no dropout (BatchNorm in a ResNet tower, a timm tower's dropout or
+        drop path: the step encodes). The split is encoded once per stage (a stage may change the weights)
+        with the evaluation batch size, so the features equal the step's own up to float reassociation.
+        Under DDP every rank encodes the whole split (once) and takes its own shard's rows.
+        """
+        if any(p.requires_grad for _, p in self.clip.image_parameters()) or not self._tower_as_at_inference():
+            return None
+        if normalize not in self._train_sets:
+            loader, datamodule = self.trainer.train_dataloader, self.trainer.datamodule
+            self._train_sets[normalize] = self.split_features(
+                loader.dataset, datamodule.eval_batch_size, normalize, num_workers=loader.num_workers
+            )
+        return self._train_sets[normalize]
+
+    def _tower_as_at_inference(self) -> bool:
+        """Whether the image tower now computes what it computes in eval mode."""
+        training = [m for m in self.clip.model.visual.modules() if m.training]
+        if not training:
+            return True
+        # Our own layer loop over open_clip's VisionTransformer: its only mode-dependent parts are known.
+        return self.clip.image_native and not any(_mode_dependent(m) for m in training)
+
+    def _train_step_rows(self, batch: Any, batch_idx: int) -> Tensor | None:
+        """(B,) train-split rows of this loader batch's images where they can be looked up, else None.
+
+        Only under `data.train_augment: false` (a deterministic transform, so an item's pixels are the same
+        in every epoch and in the one pass). The rows are the epoch's batches of the loader's own batch
+        sampler (set to the epoch before it starts; under DDP each rank's `EpochSampler` shard; with
+        `StepChunks` a loader batch is a chunk of steps), listed once per epoch. After a mid-epoch restart
+        Lightning's batch_idx counts from the checkpoint while a plain loader starts over: batch_idx
+        then disagrees with the batches seen this epoch, and the rest of that epoch encodes.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not self.lookup_train_features or getattr(datamodule, "train_augment", True) is not False:
+            return None
+        loader = self.trainer.train_dataloader
+        if batch_idx != self._train_seen - 1 or not hasattr(getattr(loader, "dataset", None), "items"):
+            return None
+        if self._train_batches is None or self._train_batches[0] != self.current_epoch:
+            batches = list(getattr(loader, "batch_sampler", None) or [])
+            keys = all(isinstance(key, ItemKey) for batch in batches for key in batch)
+            self._train_batches = (self.current_epoch, [[key.index for key in b] for b in batches] if keys else [])
+        batches = self._train_batches[1]
+        images = batch[0] if isinstance(batch, (list, tuple)) and batch else None
+        if batch_idx >= len(batches) or not isinstance(images, Tensor) or len(images) != len(batches[batch_idx]):
+            return None
+        return torch.tensor(batches[batch_idx])
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # A method that overrides this hook without calling it encodes every training step.
+        self._train_seen += 1
+        self._train_rows = self._train_step_rows(batch, batch_idx)
+        self._train_images = batch[0] if self._train_rows is not None else None
 
     def _enter_eval_step(self, images: Tensor, split: str, dataloader_idx: int, batch_idx: int) -> None:
         self._eval_images, self._eval_where = images, (split, dataloader_idx, batch_idx)
@@ -391,6 +494,7 @@ class AdaptationModule(L.LightningModule):
         for p in params:
             p.requires_grad_(True)
         self._text_cache.clear()
+        self._train_sets.clear()  # the last stage may have trained the image tower: the store keys it again
         return params
 
     def setup(self, stage: str) -> None:
@@ -403,6 +507,7 @@ class AdaptationModule(L.LightningModule):
             self._apply_stage(self.stage)
 
     def on_train_epoch_start(self) -> None:
+        self._train_seen = 0
         stage = self._stage_at(self.current_epoch).name
         if stage == self.stage:
             return

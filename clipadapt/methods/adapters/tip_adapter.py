@@ -4,7 +4,8 @@ Zhang, Zhang, Fang, Gao, Li, Dai, Qiao, Li, "Tip-Adapter: Training-free Adaption
 Few-shot Classification", ECCV 2022, arXiv 2111.03930. The cache holds one key per training image,
 F_train (N, D): its image features averaged over `augment_epochs` augmented views (the training
 transform: RandomResizedCrop(scale 0.5–1) + flip), then L2-normalised; the values L_train (N, C) are
-the one-hot labels. For a unit test feature f:
+the one-hot labels (with `data.train_augment: false` every view is the evaluation transform's: one
+pass, `split_features`, also the features Tip-Adapter-F's training steps look up). For a unit test feature f:
 
     A = exp(−β (1 − f F_trainᵀ))                       (B, N) affinities
     logits = s · f W_cᵀ + α · A L_train                  (zero-shot CLIP + the cache's votes)
@@ -146,7 +147,17 @@ class TipAdapter(AdaptationModule):
         if self.cache_keys.numel() or self._trainer is None or self._trainer.ckpt_path:
             return
         self.to(self.trainer.strategy.root_device)  # the cache pass runs on the run's device, not the CPU
-        train = self.trainer.datamodule.train_dataloader()
+        datamodule = self.trainer.datamodule
+        train = datamodule.train_dataloader()
+        if getattr(datamodule, "train_augment", True) is False:
+            # Every view is the evaluation transform's, so their mean is the view: one pass, through the feature
+            # store entry that Tip-Adapter-F's training steps then look up (and, with data.feature_cache, a sweep).
+            keys = self.split_features(train.dataset, train.batch_size, num_workers=train.num_workers)
+            self.cache_keys.data = keys.float().clone()  # (N, D), unit; a copy: Tip-Adapter-F trains it in place
+            self.cache_labels = torch.tensor([d.label for d in train.dataset.items], device=self.device)
+            rank_zero_info(f"Tip-Adapter: {len(self.cache_labels)} keys from one pass (data.train_augment false: "
+                           f"the {self.hparams.augment_epochs} augment_epochs would all be the same view)")  # fmt: skip
+            return
         views = [self._encode_split(train, normalize=False) for _ in range(self.hparams.augment_epochs)]
         # Under DDP the ranks' views differ; Lightning then syncs parameters and buffers from rank 0 (DDP's start
         # when fitting, `_sync_module_states` otherwise), so every rank uses rank 0's cache.
