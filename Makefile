@@ -40,4 +40,5 @@ bench:     ## speed benchmarks on the present device (CPU here; GPU when there i
 	python benchmarks/compile.py
 	python benchmarks/rada_eft.py
 	python benchmarks/feature_cache.py
+	python benchmarks/train_features.py
 	python benchmarks/loader.py

@@ -1,9 +1,10 @@
 """Frozen image features computed once: per run in memory, and across a sweep's runs on disk (opt-in).
 
 An evaluation set's features under a frozen image tower depend only on the tower's weights, the
-evaluation transform and the image files; so they are stored under a key made of exactly those:
-the digest of the image tower's state (every `visual.*` tensor: names, shapes, dtypes and bytes), the
-transform's repr, the precision the run encodes at, and each file's (path, size, mtime). A run keeps
+evaluation transform and the image files (and, up to float rounding, the code path that runs the tower);
+so they are stored under a key made of exactly those: the digest of the image tower's state (every
+`visual.*` tensor: names, shapes, dtypes and bytes), the transform's repr, the precision the run encodes
+at, the backbone's `attention` and `compile` settings, and each file's (path, size, mtime). A run keeps
 the features of every set it evaluated in memory (validation every epoch encodes its images once);
 with `data.feature_cache DIR` a finished set is also written to `DIR/<key>.pt`, and the next run of
 the sweep with the same weights and files (zero-shot, linear probe, RAda EFT, Tip-Adapter; any seed

@@ -101,6 +101,19 @@ def test_cached_features_give_the_same_results_and_a_changed_file_is_encoded_aga
     assert counter.counts["test"] == encoded + images == 3 * images  # the set's key changed with the file's mtime
 
 
+def test_another_attention_path_is_another_key(data_root, tmp_path, weights, monkeypatch):
+    # sdpa and open_clip's own blocks agree up to float rounding only: a sweep mixing them does not share features.
+    counter = CountEncodes(monkeypatch)
+    cached = tiny_datamodule(data_root, tmp_path / "draws", num_shots=1, eval_sets=["base"],
+                             feature_cache=str(tmp_path / "features"))  # fmt: skip
+    run(ZeroShotCLIP, weights, cached, counter)
+    images = counter.counts["test"]
+    run(ZeroShotCLIP, weights, cached, counter, attention="module")
+    assert counter.counts["test"] == 2 * images
+    run(ZeroShotCLIP, weights, cached, counter, attention="module")
+    assert counter.counts["test"] == 2 * images  # now stored under its own key
+
+
 def test_keys_follow_weights_and_files_and_a_broken_file_is_a_miss(tmp_path):
     backbone = CLIPBackbone("clipadapt-tiny", None)
     digest = weights_digest(backbone.model.visual)

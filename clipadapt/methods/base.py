@@ -368,7 +368,9 @@ class AdaptationModule(L.LightningModule):
         if self._weights_digest is None:
             self._weights_digest = weights_digest(self.clip.model.visual)
         precision = str(self.trainer.precision)
-        return set_key(self._weights_digest, f"{transform!r}|normalize={normalize}", precision, files_digest(paths))
+        # The tower's code path too: sdpa / module / compiled features agree only up to float rounding.
+        path = f"{transform!r}|normalize={normalize}|attention={self.clip.attention}|compile={self.clip.compile_mode}"
+        return set_key(self._weights_digest, path, precision, files_digest(paths))
 
     def split_features(self, dataset: Any, batch_size: int, normalize: bool = True, num_workers: int = 0) -> Tensor:
         """(N, D) features of an evaluation-transform dataset (`ImageList`) in order, via the feature store.
