@@ -53,7 +53,9 @@ def main() -> None:
     parser.add_argument("--train-prompts", type=int, default=10, help="prompts (classes) per training step")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--attention", default="module", choices=["module", "sdpa"])
+    parser.add_argument(
+        "--attention", default="sdpa", choices=["module", "sdpa"], help="the eager path (default: the library default)"
+    )
     parser.add_argument("--mode", default="default", help="the compile mode timed against eager")
     parser.add_argument("--skip-train", action="store_true", help="time the no-grad encoders only")
     parser.add_argument("--warm-cache", action="store_true", help="keep inductor's on-disk cache (warm compiles)")

@@ -16,7 +16,7 @@ from conftest import TINY
 from doubles import QUIET, tiny_datamodule
 
 from clipadapt.data.datamodule import build_tensor_transform, build_transform
-from clipadapt.methods import FT, CLIPAdapter, CoOp, LinearProbe, MaPLe, TipAdapterF
+from clipadapt.methods import FT, CLIPAdapter, CoCoOp, CoOp, LinearProbe, MaPLe, PromptSRC, TipAdapterF
 from clipadapt.methods.rada import RAda
 from clipadapt.models import CLIPBackbone
 
@@ -81,7 +81,7 @@ def test_fixed_train_transform_is_the_evaluation_one(data_root, tmp_path):
     assert repr(cached) == repr(build_tensor_transform(32, train=False))
 
 
-@pytest.mark.parametrize("method", [LinearProbe, CLIPAdapter, CoOp])  # unit, unnormalized features; text trains
+@pytest.mark.parametrize("method", [LinearProbe, CLIPAdapter, CoOp, CoCoOp])  # unit, unnormalized; text trains
 def test_a_frozen_plain_tower_encodes_each_training_image_once(data_root, tmp_path, encoded, method):
     data = fixed(data_root, tmp_path)
     images = len(data._load()["train"])
@@ -89,6 +89,17 @@ def test_a_frozen_plain_tower_encodes_each_training_image_once(data_root, tmp_pa
     once, trained = fit(method, data, encoded, optimizer=adam(1e-3))
     every, reference = fit(method, data, encoded, lookup=False, optimizer=adam(1e-3))
     assert (once, every) == (images, steps * data.batch_size)
+    assert_same(trained, reference)
+
+
+def test_promptsrc_looks_up_its_teacher_and_encodes_its_prompted_images(data_root, tmp_path, encoded):
+    # The frozen, unprompted tower's features (the consistency terms' teacher) are rows; the prompted path encodes.
+    data = fixed(data_root, tmp_path)
+    images = len(data._load()["train"])
+    steps = EPOCHS * (images // data.batch_size)
+    once, trained = fit(PromptSRC, data, encoded, optimizer=adam(1e-3), gpa_mean=1.0)
+    every, reference = fit(PromptSRC, data, encoded, lookup=False, optimizer=adam(1e-3), gpa_mean=1.0)
+    assert (once, every) == (images + steps * data.batch_size, 2 * steps * data.batch_size)
     assert_same(trained, reference)
 
 

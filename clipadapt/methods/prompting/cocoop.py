@@ -69,7 +69,7 @@ class CoCoOp(AdaptationModule):
         return self.context.vectors.requires_grad
 
     def class_logits(self, images: Tensor, classnames: list[str], templates: list[str]) -> Tensor:
-        image = self.clip.encode_image(images)  # (B, D), unit
+        image = self.image_features(images)  # (B, D), unit; the frozen tower's features of a step's images held once
         context = self.context.vectors + self.meta_net(image)[:, None, None, :]  # (B, 1, M, W)
         text = self.context.features(self.clip, classnames, context=context, chunk_size=self.hparams.chunk_size)
         return self.clip.logit_scale.exp() * torch.einsum("bd,bcd->bc", image.to(text.dtype), text)  # (B, C)

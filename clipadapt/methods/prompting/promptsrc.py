@@ -113,7 +113,7 @@ class PromptSRC(DeepPromptLearner):
         teacher_image = None
         if hp.image_consistency_weight or hp.logit_consistency_weight:
             with torch.no_grad():
-                teacher_image = self.clip.encode_image(images)  # (B, D), the frozen tower without prompts
+                teacher_image = self.image_features(images)  # (B, D), the frozen tower without prompts
         weights = (hp.image_consistency_weight, hp.text_consistency_weight, hp.logit_consistency_weight)
         teacher_text = self.teacher_text().to(text.device)  # (C, D)
         return {
