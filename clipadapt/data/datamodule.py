@@ -343,8 +343,8 @@ class CLIPDataModule(L.LightningDataModule):
             train_augment: False: the train split goes through the evaluation transform (Resize + CenterCrop,
                 as CoOp's linear-probe protocol extracts its features), so `train_crop_scale` and `train_flip`
                 are ignored, and every epoch sees the same pixels. Then a method whose plain image tower is
-                frozen (linear probe, CLIP-Adapter, Tip-Adapter(-F), RAda EFT, the CoOp family, PromptSRC's teacher) encodes the
-                train split once per run (or per sweep, with `feature_cache`) instead of every step
+                frozen (linear probe, CLIP-Adapter, Tip-Adapter(-F), RAda EFT, CoOp, KgCoOp, CoCoOp, PromptSRC's
+                teacher) encodes the train split once per run (or per sweep, with `feature_cache`) instead of every step
                 (`AdaptationModule.image_features`), and Tip-Adapter's cache is that one pass.
             cache_dir: where few-shot draws are recorded (default ~/.cache/clipadapt/fewshot).
             feature_cache: a folder for the frozen image tower's features of whole evaluation sets, shared by
