@@ -16,7 +16,8 @@ from conftest import TINY
 from doubles import QUIET, tiny_datamodule
 
 from clipadapt.data.datamodule import build_tensor_transform, build_transform
-from clipadapt.methods import FT, CLIPAdapter, CoCoOp, CoOp, LinearProbe, MaPLe, PromptSRC, TipAdapterF
+from clipadapt.errors import ClipAdaptError
+from clipadapt.methods import FT, CLIPAdapter, CLIPLoRA, CoCoOp, CoOp, LinearProbe, MaPLe, PromptSRC, TipAdapterF
 from clipadapt.methods.rada import RAda
 from clipadapt.models import CLIPBackbone
 
@@ -202,3 +203,50 @@ def test_a_mid_epoch_resume_encodes_the_rest_of_that_epoch(data_root, tmp_path, 
     images = len(data._load()["train"])
     assert counts == [images // 2 + images, images // 2 + (EPOCHS - 1) * images]  # the rest of epoch 0 encodes
     torch.testing.assert_close(heads[0], heads[1], atol=1e-6, rtol=0)
+
+
+# ---- feature_chunk: a loader batch of several steps, the chunk encoded in one forward (any frozen-tower method) ----
+
+
+@pytest.mark.parametrize(("method", "kwargs"), [(CoCoOp, {}), (LinearProbe, {}), (CLIPLoRA, {"encoders": "text"})])
+def test_feature_chunk_takes_the_per_step_runs_steps(data_root, tmp_path, encoded, method, kwargs):
+    """Batch 1, chunks of 5 steps (not dividing the 24-image epoch), augmented: the per-step run's steps.
+
+    CLIP-LoRA's text-side dropout draws in every step: each chunked step is seeded as that step of the other run.
+    """
+    runs = {}
+    for chunk in (1, 5):
+        data = tiny_datamodule(data_root, tmp_path / "draws", batch_size=1)
+        L.seed_everything(3)
+        runs[chunk] = fit(method, data, encoded, epochs=2, feature_chunk=chunk, optimizer=adam(1e-3), **kwargs)
+    (every, reference), (chunked, trained) = runs[1], runs[5]
+    assert every == 48  # one image per step, 24 steps an epoch
+    assert chunked == 48  # the same images, five steps' worth per forward ...
+    assert_close_params(trained, reference)  # ... and the same steps, up to the batched forward's rounding
+
+
+def assert_close_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=0, msg=name)
+
+
+def test_feature_chunk_encodes_once_per_chunk(data_root, tmp_path, monkeypatch):
+    calls = []
+    encode = CLIPBackbone.encode_image
+    monkeypatch.setattr(
+        CLIPBackbone, "encode_image", lambda self, x, *a, **k: calls.append(len(x)) or encode(self, x, *a, **k)
+    )
+    data = tiny_datamodule(data_root, tmp_path / "draws", batch_size=1)
+    fit(CoCoOp, data, {"images": 0}, epochs=1, feature_chunk=5, optimizer=adam(1e-3))
+    assert calls == [5, 5, 5, 5, 4]  # 24 steps: four chunks of 5 and the rest
+
+
+@pytest.mark.parametrize(("method", "kwargs", "why"), [
+    (FT, {}, "trains the image tower"),
+    (RAda, {"setting": "fft", "probe_epochs": 1, "probe_schedule_epochs": 1}, "stage 'finetune'"),
+])  # fmt: skip
+def test_feature_chunk_is_refused_where_the_image_tower_trains(data_root, tmp_path, encoded, method, kwargs, why):
+    data = tiny_datamodule(data_root, tmp_path / "draws", batch_size=1)
+    with pytest.raises(ClipAdaptError, match=why):
+        fit(method, data, encoded, epochs=2, feature_chunk=4, optimizer=adam(1e-3), **kwargs)

@@ -127,7 +127,7 @@ class AdaptationModule(L.LightningModule):
     # Arguments that may differ from a checkpoint's when it is evaluated (`clipadapt test --ckpt_path`):
     # they only shape the evaluation. Any other model argument is the checkpoint's (the CLI refuses a change).
     test_time_args: ClassVar[frozenset[str]] = frozenset(
-        {"prompts", "pretrained", "attention", "compile", "text_chunk"}
+        {"prompts", "pretrained", "attention", "compile", "text_chunk", "feature_chunk"}
     )
     # Towers whose layer seams (K/V or deep prompts, learned text context, low-rank deltas) the method uses:
     # other towers (timm, ResNet, Hugging Face, CustomTextCLIP) are refused at construction, in one line.
@@ -149,6 +149,7 @@ class AdaptationModule(L.LightningModule):
         attention: str = "sdpa",
         compile: str = "off",
         text_chunk: int = 0,
+        feature_chunk: int = 1,
     ) -> None:
         """
         Args:
@@ -176,9 +177,19 @@ class AdaptationModule(L.LightningModule):
             text_chunk: 0 (off), or while the text side trains, encode the classes this many sequences at a
                 time, each chunk recomputed in backward (activation checkpointing): text memory follows the
                 chunk, not the class count (ImageNet's 1000 classes); equal up to rounding, slower per step.
+            feature_chunk: 1 (off), or for a method whose image tower stays frozen in every stage and whose steps
+                take its features through `image_features` (RAda EFT, CoCoOp and the other prompt learners of
+                the text side, linear probe, CLIP-Adapter): each training loader batch holds this many optimizer
+                steps' images, encoded in one no-grad forward; then the steps run on their rows in order
+                (`_chunked_steps`). The same samples, order, augmentations, per-step seeds and lr schedule as
+                one step per loader batch; features equal up to the float reassociation of the batched forward.
+                For small batches (RAda's and CoCoOp's 1), where one-image forwards waste the tower.
         """
         super().__init__()
         self.save_hyperparameters()
+        if feature_chunk < 1:
+            raise ValueError(f"feature_chunk must be 1 (no chunking) or more, got {feature_chunk}")
+        self.automatic_optimization = feature_chunk == 1  # chunks take their optimizer steps themselves
         if warmup not in ("constant", "linear") or schedule not in ("cosine", "constant"):
             raise ValueError(
                 f"warmup must be constant|linear and schedule cosine|constant, got {warmup!r}, {schedule!r}"
@@ -207,6 +218,10 @@ class AdaptationModule(L.LightningModule):
         self._train_seen = 0  # loader batches this epoch so far (a mid-epoch restart disagrees with batch_idx)
         self._train_batches: tuple[int, list[list[int]]] | None = None  # (epoch, its loader batches' rows)
         self._train_sets: dict[bool, Tensor] = {}  # normalize -> (N, D) features of the train split, this stage
+        self._step_size: int | None = None  # images per optimizer step when loader batches are chunks of steps
+        self._chunk: Tensor | None = None  # the loader batch (a chunk of steps) running now
+        self._chunk_features: Tensor | None = None  # its (chunk, D) unnormalized features, once asked for
+        self._step_view: tuple[Tensor, slice] | None = None  # the running step's images (a view) and rows
 
     # ---- what a method says ----
 
@@ -238,6 +253,10 @@ class AdaptationModule(L.LightningModule):
         sweep (`clipadapt.features`). Training steps under `data.train_augment: false` (`_train_lookup`).
         Only the step's own images are looked up (not views or crops made from them).
         """
+        if self._step_view is not None and images is self._step_view[0]:
+            features = self._chunk_rows(self._step_view[1])
+            if features is not None:
+                return F.normalize(features, dim=-1) if normalize else features
         if images is self._train_images and self._train_rows is not None:
             held = self._train_lookup(normalize)
             if held is not None:
@@ -507,6 +526,25 @@ class AdaptationModule(L.LightningModule):
         if stage == "fit" and self.stage is None:
             self.stage = self._stage_at(0).name
             self._apply_stage(self.stage)
+        if stage == "fit" and not self.automatic_optimization:
+            self._check_chunkable()
+            datamodule = getattr(self.trainer, "datamodule", None)
+            # Under DDP one loader batch must be one backward: each rank then steps once per batch, unchunked.
+            if hasattr(datamodule, "steps_per_batch") and self.trainer.world_size == 1:
+                datamodule.steps_per_batch = self.hparams.feature_chunk
+                self._step_size = datamodule.batch_size
+
+    def _check_chunkable(self) -> None:
+        """ClipAdaptError unless every stage keeps the image tower frozen and the steps are the base's own."""
+        image = {id(p) for _, p in self.clip.image_parameters()}
+        trains = [s.name for s in self.stages if any(id(p) in image for p in self.trainable(s.name))]
+        own_steps = type(self).training_step is not AdaptationModule.training_step
+        if trains or own_steps:
+            why = f"trains the image tower (stage {trains[0]!r})" if trains else "takes its training steps itself"
+            raise ClipAdaptError(
+                f"feature_chunk={self.hparams.feature_chunk}: {type(self).__name__} {why}, so its training images "
+                "cannot be encoded ahead of its steps; set model.init_args.feature_chunk 1"
+            )
 
     def on_train_epoch_start(self) -> None:
         self._train_seen = 0
@@ -539,8 +577,10 @@ class AdaptationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch, the unit of the lr schedule (one per loader batch unless a method steps more)."""
-        return max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))
+        """Optimizer steps per epoch, the unit of the lr schedule (one per loader batch, unless batches are chunks)."""
+        steps = max(1, self.trainer.estimated_stepping_batches // max(1, self.trainer.max_epochs))  # builds the loader
+        sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
+        return steps if self.automatic_optimization else getattr(sampler, "num_steps", steps)
 
     def _lr_factor(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
         base_lr = optimizer.param_groups[0]["lr"]
@@ -559,6 +599,8 @@ class AdaptationModule(L.LightningModule):
         return factor
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        if not self.automatic_optimization:
+            return self._chunked_steps(batch, batch_idx)
         seed_torch(stream_seed(run_seed(), self.current_epoch, batch_idx, self.global_rank))
         images, labels = batch
         losses = self.training_losses(images, labels)
@@ -566,6 +608,53 @@ class AdaptationModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=len(labels))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         return loss
+
+    def _chunked_steps(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """A loader batch of several steps (`feature_chunk`): each step as `training_step`, on its rows, in order.
+
+        Each step is seeded as the step of that index in the unchunked run, and its images are a view of the
+        batch: `image_features` of that view are its rows of the whole chunk's features, encoded at the first
+        ask (`_chunk_rows`). Logged: the chunk's mean losses.
+        """
+        images, labels = batch
+        size = self._step_size or len(labels)  # images per optimizer step (data.batch_size)
+        per_chunk = self.hparams.feature_chunk if self._step_size else 1  # steps in each earlier loader batch
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        self._chunk, self._chunk_features = images, None
+        totals: dict[str, Tensor] = {}
+        try:
+            for index, start in enumerate(range(0, len(labels), size)):
+                rows = slice(start, start + size)
+                seed_torch(stream_seed(run_seed(), self.current_epoch, batch_idx * per_chunk + index, self.global_rank))
+                self._step_view = (images[rows], rows)
+                losses = self.training_losses(self._step_view[0], labels[rows])
+                optimizer.zero_grad()
+                self.manual_backward(sum(losses.values()))
+                optimizer.step()
+                scheduler.step()
+                for name, value in losses.items():
+                    totals[name] = totals.get(name, 0) + value.detach() * len(labels[rows])
+        finally:
+            self._chunk = self._chunk_features = self._step_view = None
+        means = {name: total / len(labels) for name, total in totals.items()}
+        self.log_dict({f"train/{k}": v for k, v in means.items()}, batch_size=len(labels))
+        loss = sum(means.values())
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def _chunk_rows(self, rows: slice) -> Tensor | None:
+        """Unnormalized features of these rows of the running chunk, or None where the step must encode itself.
+
+        The chunk is encoded (once, no grad) only where that equals the steps' own forwards up to rounding: no
+        image parameter trains, and the tower computes as in eval mode (a ResNet's BatchNorm in train mode would
+        take the chunk's statistics instead of the step's).
+        """
+        if self._chunk_features is None:
+            if any(p.requires_grad for _, p in self.clip.image_parameters()) or not self._tower_as_at_inference():
+                return None
+            with torch.no_grad():
+                self._chunk_features = self.image_features(self._chunk, normalize=False)  # the train lookup applies
+        return self._chunk_features[rows]
 
     def on_train_start(self) -> None:
         if self.logger is not None:

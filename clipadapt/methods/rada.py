@@ -21,12 +21,13 @@ logits = s · Σ_d M ⊙ R with M = ReLU(1 + f_φ(R, f̂, ŵ)) ≡ 1 at init, i.
   per-sample weights (`torch.func.vmap` of `grad`, torch's functional AdamW on the stacked tensors);
   `ttt_mode: loop` is the literal one-sample-at-a-time version with torch.optim.AdamW (the reference).
 
-Speed, with the same updates: `feature_chunk` > 1 (EFT) encodes that many training steps' images in
-one no-grad forward of the frozen image tower, then takes the optimizer steps on the cached features in
-loader order, one per `data.batch_size` images (manual optimization; the loader yields chunks of steps,
-`CLIPDataModule.steps_per_batch`). The same samples, order, augmentations and lr schedule as the
+Speed, with the same updates: the base's `feature_chunk` > 1 (EFT; `configs/rada_base2novel.yaml` 64)
+encodes that many training steps' images in one no-grad forward of the frozen image tower, then takes
+the optimizer steps on their rows in loader order, one per `data.batch_size` images
+(`AdaptationModule._chunked_steps`). The same samples, order, augmentations and lr schedule as the
 per-step path; the features differ only by the float reassociation of the batched forward
-(tests/test_rada.py). Under DDP it falls back to one step per loader batch.
+(tests/test_rada.py). Under DDP it falls back to one step per loader batch; FFT (whose finetune
+stage trains the image tower) refuses it.
 
 Deliberate deviations:
 - TTT views (`clipadapt.testtime`, shared with TPT) are drawn on device from the test-transformed image (resize + 224 center crop), not
@@ -89,17 +90,12 @@ class RAda(AdaptationModule):
         ttt_mode: str = "batched",  # batched | loop
         ttt_seed: int | None = None,  # None: the run's seed (data.seed under the CLI)
         init_checkpoint: str | None = None,  # RAda†: adapter weights from an EFT checkpoint
-        feature_chunk: int = 1,  # EFT: training images per no-grad forward of the frozen image tower
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.save_hyperparameters()
         if setting not in ("eft", "fft", "ttt") or ttt_mode not in ("batched", "loop"):
             raise ValueError(f"setting must be eft|fft|ttt and ttt_mode batched|loop, got {setting!r}, {ttt_mode!r}")
-        if feature_chunk < 1:
-            raise ValueError(f"feature_chunk must be 1 (no chunking) or more, got {feature_chunk}")
-        # Chunked EFT takes its optimizer steps itself: several per loader batch (`training_step`).
-        self.automatic_optimization = not (setting == "eft" and feature_chunk > 1)
         if mask_reg not in MASK_REGULARIZERS:
             raise ValueError(f"mask_reg must be one of {MASK_REGULARIZERS}, got {mask_reg!r}")
         if setting == "fft" and probe_schedule_epochs < probe_epochs:
@@ -126,7 +122,6 @@ class RAda(AdaptationModule):
             text = super().class_embeddings(self.hparams.classnames, self.hparams.templates)
             self.head = nn.Parameter(text.detach().clone())  # (C, D) W, from the zero-shot ensemble
         self._shown: tuple[Tensor, Tensor] | None = None  # last training batch's masks and R, for TensorBoard
-        self._step_size: int | None = None  # images per optimizer step when loader batches are chunks of steps
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -181,48 +176,6 @@ class RAda(AdaptationModule):
         if self.hparams.mask_reg_weight > 0 and frozen:  # L_reg only while the encoders are frozen
             losses["mask_reg"] = self.hparams.mask_reg_weight * mask_regularizer(mask, self.hparams.mask_reg)
         return losses
-
-    # ---- EFT with chunked frozen features ----
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if stage == "fit" and not self.automatic_optimization and hasattr(datamodule, "steps_per_batch"):
-            # Under DDP one loader batch must be one backward: each rank then steps once per batch, unchunked.
-            if self.trainer.world_size == 1:
-                datamodule.steps_per_batch = self.hparams.feature_chunk
-                self._step_size = datamodule.batch_size
-
-    def _steps_per_epoch(self) -> int:
-        steps = super()._steps_per_epoch()  # loader batches; also makes the trainer build the train loader
-        sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None)
-        return getattr(sampler, "num_steps", steps) if not self.automatic_optimization else steps
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        if self.automatic_optimization:
-            return super().training_step(batch, batch_idx)
-        images, labels = batch
-        if not self._encoders_frozen():
-            raise RuntimeError("feature_chunk needs a frozen image tower (EFT)")
-        with torch.no_grad():
-            features = self._features(images)  # (chunk · b, D): one frozen forward for the whole chunk
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        size = self._step_size or len(labels)  # images per optimizer step (data.batch_size)
-        text = self.class_embeddings(self.hparams.classnames, self.hparams.templates).float()  # (C, D), frozen
-        totals: dict[str, Tensor] = {}
-        for step_features, step_labels in zip(features.split(size), labels.split(size), strict=True):
-            losses = self._feature_losses(step_features, step_labels, text, True)  # one step of today's path
-            optimizer.zero_grad()
-            self.manual_backward(sum(losses.values()))
-            optimizer.step()
-            scheduler.step()
-            for name, value in losses.items():
-                totals[name] = totals.get(name, 0) + value.detach() * len(step_labels)
-        means = {name: total / len(labels) for name, total in totals.items()}
-        self.log_dict({f"train/{k}": v for k, v in means.items()}, batch_size=len(labels))
-        loss = sum(means.values())
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
-        return loss
 
     def classify(self, images: Tensor, text: Tensor) -> Tensor:
         if self.hparams.setting == "ttt":
