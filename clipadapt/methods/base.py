@@ -11,6 +11,10 @@ Exact resume: each training step first seeds the global RNG from (run seed, epoc
 what a step draws (CLIP-LoRA's dropout) is the same in a run resumed from a checkpoint as in the
 uninterrupted one; the data stream is seeded the same way (`clipadapt.data.datamodule`).
 
+Chunks of steps (`feature_chunk` > 1, for small batches under a frozen image tower): a training loader
+batch holds several optimizer steps' images, encoded in one no-grad forward at the first step's ask;
+each step then runs on its rows, seeded as that step of the unchunked run (`_chunked_steps`).
+
 Train features computed once: with `data.train_augment: false` the train split's transform is
 deterministic, so while the plain image tower is frozen and computes in training what it computes
 in eval mode, a training step's `image_features` of its own images are rows of the whole split's
