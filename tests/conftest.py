@@ -60,3 +60,20 @@ def cpu_trainer(tmp_path: Path) -> Callable[..., L.Trainer]:
         return L.Trainer(**(defaults | overrides))
 
     return make
+
+
+@pytest.fixture
+def encoded(monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Images through the image tower so far (`images`) and each call's batch size (`calls`), every `encode_image`."""
+    from clipadapt.models import CLIPBackbone
+
+    count: dict = {"images": 0, "calls": []}
+    encode = CLIPBackbone.encode_image
+
+    def counted(backbone: CLIPBackbone, images: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        count["images"] += len(images)
+        count["calls"].append(len(images))
+        return encode(backbone, images, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPBackbone, "encode_image", counted)
+    return count

@@ -136,26 +136,18 @@ def test_keys_follow_weights_and_files_and_a_broken_file_is_a_miss(tmp_path):
     assert FeatureStore(tmp_path / "store").get("k") is None
 
 
-def test_tip_adapter_search_reads_the_validation_features_of_the_sweep(data_root, tmp_path, weights, monkeypatch):
+def test_tip_adapter_search_reads_the_validation_features_of_the_sweep(data_root, tmp_path, weights, encoded):
     from clipadapt.methods import TipAdapter
 
-    encoded = {"n": 0}
-    encode = CLIPBackbone.encode_image
-
-    def counted(backbone: CLIPBackbone, images: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        encoded["n"] += len(images)
-        return encode(backbone, images, *args, **kwargs)
-
-    monkeypatch.setattr(CLIPBackbone, "encode_image", counted)
     runs = []
     for _ in range(2):
         data = tiny_datamodule(data_root, tmp_path / "draws", num_shots=2, eval_sets=["base"],
                                feature_cache=str(tmp_path / "features"))  # fmt: skip
         model = TipAdapter(data.classnames, data.templates, arch="clipadapt-tiny", pretrained=weights, augment_epochs=1)
-        before = encoded["n"]
+        before = encoded["images"]
         torch.manual_seed(0)  # the same augmented cache keys
         metrics = L.Trainer(**QUIET, devices=1, default_root_dir=tmp_path).test(model, data, verbose=False)[0]
-        runs.append((encoded["n"] - before, metrics, float(model.alpha), float(model.beta)))
+        runs.append((encoded["images"] - before, metrics, float(model.alpha), float(model.beta)))
     vals, tests = len(data._load()["val"]), len(data._load_eval()[0][1])
     trains = len(data._load()["train"])  # the cache keys: augmented, so encoded by every run
     assert runs[0][0] == trains + vals + tests and runs[1][0] == trains

@@ -385,7 +385,7 @@ class CLIPDataModule(L.LightningDataModule):
         self._data: dict | None = None
         self._eval: list[tuple[EvalSet, list[Datum]]] | None = None
         # Optimizer steps per training loader batch; a method that encodes chunks of steps sets it in its
-        # `setup("fit")` (RAda EFT's `feature_chunk`), before the trainer asks for the loader.
+        # `setup("fit")` (`AdaptationModule(feature_chunk=k)`), before the trainer asks for the loader.
         self.steps_per_batch = 1
 
     # ---- what the model needs at instantiation (lazy, cached) ----

@@ -429,7 +429,7 @@ class AdaptationModule(L.LightningModule):
         with the evaluation batch size, so the features equal the step's own up to float reassociation.
         Under DDP every rank encodes the whole split (once) and takes its own shard's rows.
         """
-        if any(p.requires_grad for _, p in self.clip.image_parameters()) or not self._tower_as_at_inference():
+        if not self._tower_as_at_inference():
             return None
         if normalize not in self._train_sets:
             loader, datamodule = self.trainer.train_dataloader, self.trainer.datamodule
@@ -439,7 +439,9 @@ class AdaptationModule(L.LightningModule):
         return self._train_sets[normalize]
 
     def _tower_as_at_inference(self) -> bool:
-        """Whether the image tower now computes what it computes in eval mode."""
+        """Whether the image tower is frozen and computes now what it computes in eval mode (its features reusable)."""
+        if any(p.requires_grad for _, p in self.clip.image_parameters()):
+            return False
         training = [m for m in self.clip.model.visual.modules() if m.training]
         if not training:
             return True
@@ -654,7 +656,7 @@ class AdaptationModule(L.LightningModule):
         take the chunk's statistics instead of the step's).
         """
         if self._chunk_features is None:
-            if any(p.requires_grad for _, p in self.clip.image_parameters()) or not self._tower_as_at_inference():
+            if not self._tower_as_at_inference():
                 return None
             with torch.no_grad():
                 self._chunk_features = self.image_features(self._chunk, normalize=False)  # the train lookup applies
